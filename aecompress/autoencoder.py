@@ -1,0 +1,177 @@
+"""The seed autoencoder over weight rows, and how big it may be.
+
+An encoder maps a row (length ``width``) to a latent code of size ``latent``;
+a decoder maps it back. Only the latents, the decoder and (optionally) the
+row norms are stored, so sizes are solved from the stored budget alone: the
+encoder is thrown away after training and costs nothing. With ``encoder:
+free`` there is no encoder at all and the latents are trained directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from aecompress.budget import infeasible, largest_fitting
+
+EncoderKind = Literal["mlp", "linear", "free"]
+DecoderKind = Literal["mlp", "linear"]
+OutActivation = Literal["tanh", "none"]
+
+# Norm division guard: a zero-norm row decodes to zero instead of NaN.
+NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class AESpec:
+    """The fully resolved architecture of one group's autoencoder."""
+
+    width: int
+    latent: int
+    decoder_hidden: tuple[int, ...]
+    encoder_hidden: tuple[int, ...] | None  # None: free latents, no encoder
+    out_activation: OutActivation = "tanh"
+    enforce_norm: bool = True
+
+    def decoder_sizes(self) -> list[int]:
+        """Layer widths from latent to row."""
+        return [self.latent, *self.decoder_hidden, self.width]
+
+    def decoder_numbers(self) -> int:
+        """Parameters in the decoder (weights and biases): all of them are stored."""
+        sizes = self.decoder_sizes()
+        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def stored_numbers(self, rows: int) -> int:
+        """Latents + decoder + norms, as the accountant will count them."""
+        return rows * self.latent + self.decoder_numbers() + (rows if self.enforce_norm else 0)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for checkpoints and sidecars."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AESpec:
+        """Inverse of :meth:`to_dict`; JSON turns tuples into lists."""
+        enc = data.get("encoder_hidden")
+        return cls(
+            width=int(data["width"]),
+            latent=int(data["latent"]),
+            decoder_hidden=tuple(int(h) for h in data["decoder_hidden"]),
+            encoder_hidden=None if enc is None else tuple(int(h) for h in enc),
+            out_activation=data.get("out_activation", "tanh"),
+            enforce_norm=bool(data.get("enforce_norm", True)),
+        )
+
+
+def spec_for_scale(
+    scale: int,
+    width: int,
+    encoder: EncoderKind,
+    decoder: DecoderKind,
+    encoder_widths: tuple[float, ...],
+    decoder_widths: tuple[float, ...],
+    latent_width: float,
+    out_activation: OutActivation,
+    enforce_norm: bool,
+) -> AESpec:
+    """The architecture at one integer scale ``x`` (widths are multiples of it)."""
+    latent = max(1, round(latent_width * scale))
+    dec = tuple(max(1, round(w * scale)) for w in decoder_widths) if decoder == "mlp" else ()
+    enc: tuple[int, ...] | None
+    if encoder == "free":
+        enc = None
+    elif encoder == "mlp":
+        enc = tuple(max(1, round(w * scale)) for w in encoder_widths)
+    else:
+        enc = ()
+    return AESpec(width, latent, dec, enc, out_activation, enforce_norm)
+
+
+def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **options) -> AESpec:
+    """The largest architecture whose stored numbers fit the budget.
+
+    Raises:
+        AECompressError: if even scale 1 does not fit; the message gives the feasible range.
+    """
+
+    def cost(scale: int) -> int:
+        return spec_for_scale(scale, width, **options).stored_numbers(rows)
+
+    scale = largest_fitting(cost, budget, upper=width)
+    if scale is None:
+        raise infeasible(group, rows, width, ratio, cost(1), f"{options['decoder']} decoder")
+    return spec_for_scale(scale, width, **options)
+
+
+def mlp(sizes: list[int], out: nn.Module | None = None) -> nn.Sequential:
+    """Linear layers with LeakyReLU between them and an optional output activation."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU())
+    if out is not None:
+        layers.append(out)
+    return nn.Sequential(*layers)
+
+
+def build_decoder(spec: AESpec) -> nn.Sequential:
+    """The decoder network for a spec (the stored part)."""
+    return mlp(spec.decoder_sizes(), nn.Tanh() if spec.out_activation == "tanh" else None)
+
+
+def apply_decoder(decoder: nn.Module, latents: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+    """Decode latents to rows in float32, rescaling each to its stored norm if given.
+
+    The division happens in float32 after the decoder, so half-precision
+    autocast cannot overflow the norm, and a zero row cannot produce NaN.
+    """
+    out = decoder(latents).float()
+    if norms is None:
+        return out
+    scale = norms.float() / out.norm(dim=1).clamp_min(NORM_EPS)
+    return out * scale.unsqueeze(1)
+
+
+class GroupAutoencoder(nn.Module):
+    """Encoder (or free latents) plus decoder for one weight group."""
+
+    def __init__(self, spec: AESpec, rows: int):
+        super().__init__()
+        self.spec = spec
+        self.decoder = build_decoder(spec)
+        if spec.encoder_hidden is None:
+            self.encoder = None
+            self.latents = nn.Parameter(torch.randn(rows, spec.latent) * 0.1)
+        else:
+            self.encoder = mlp([spec.width, *spec.encoder_hidden, spec.latent])
+            self.latents = None
+
+    def encode(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Latent codes for a batch of rows (by value, or by index for free latents)."""
+        if self.encoder is None:
+            return self.latents[index]
+        return self.encoder(rows)
+
+    def forward(self, rows: torch.Tensor, index: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """Reconstruct a batch of rows."""
+        return apply_decoder(self.decoder, self.encode(rows, index), norms if self.spec.enforce_norm else None)
+
+    @torch.no_grad()
+    def stored_tensors(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What is kept after training: latents, decoder parameters, and norms if enforced."""
+        index = torch.arange(rows.shape[0])
+        was_training = self.training
+        self.eval()
+        latents = self.encode(rows.float(), index).float()
+        self.train(was_training)
+        tensors = {"latents": latents.detach().clone().contiguous()}
+        for name, value in self.decoder.state_dict().items():
+            tensors[f"decoder.{name}"] = value.detach().float().clone().contiguous()
+        if self.spec.enforce_norm:
+            tensors["norms"] = rows.float().norm(dim=1).contiguous()
+        return tensors

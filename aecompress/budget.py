@@ -1,0 +1,56 @@
+"""The one place where stored size is counted.
+
+Every compressor's stored form is a set of tensors (latents, decoder weights
+and biases, norms, factors...). Its cost is what those tensors hold, counted
+here and nowhere else, so a comparison "at ratio 10" is fair by construction.
+The ratio is original numbers (or bytes) over stored numbers (or bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from aecompress.errors import AECompressError
+
+
+def stored_numbers(tensors: Mapping[str, torch.Tensor]) -> int:
+    """How many numbers a stored form keeps."""
+    return sum(t.numel() for t in tensors.values())
+
+
+def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """How many bytes a stored form keeps, at each tensor's own dtype."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def budget_numbers(rows: int, width: int, ratio: float) -> int:
+    """The most numbers a stored form of a (rows x width) matrix may keep at ``ratio``."""
+    if not ratio > 1:
+        raise AECompressError(f"compression ratio must be greater than 1, got {ratio}")
+    return math.floor(rows * width / ratio)
+
+
+def largest_fitting(cost: Callable[[int], int], budget: int, upper: int) -> int | None:
+    """The largest integer size in [1, upper] whose cost fits the budget (cost is increasing)."""
+    if cost(1) > budget:
+        return None
+    lo, hi = 1, max(1, upper)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def infeasible(group: str, rows: int, width: int, ratio: float, smallest_cost: int, what: str) -> AECompressError:
+    """The error for a ratio this group cannot reach, stating the feasible range."""
+    max_ratio = rows * width / smallest_cost
+    return AECompressError(
+        f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
+        f"the smallest stored form keeps {smallest_cost} numbers; feasible ratios are 1 < ratio <= {max_ratio:.2f}"
+    )

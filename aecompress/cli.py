@@ -1,0 +1,127 @@
+"""The ``aecompress`` command: LightningCLI with an ``export`` subcommand.
+
+``fit`` and ``validate`` are Lightning's own. ``export`` is a method of
+:class:`AETrainer`, registered through ``subcommands()``, so it takes the
+same ``--config`` as ``fit`` and its flags come from its signature.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from aecompress.data import WeightRowsDataModule
+from aecompress.errors import AECompressError
+from aecompress.export import ExportFormat, export
+from aecompress.module import CompressorModule, load_weights
+
+log = logging.getLogger("aecompress")
+
+
+class AETrainer(L.Trainer):
+    """Lightning's Trainer plus the export step."""
+
+    def export(
+        self,
+        model: CompressorModule,
+        datamodule: WeightRowsDataModule,
+        ckpt_path: str,
+        out_dir: str,
+        format: ExportFormat = "decoded",  # noqa: A002 - the flag users type is --format
+        overwrite: bool = False,
+    ) -> None:
+        """Write the compressed model as a Hugging Face checkpoint.
+
+        Args:
+            model: the compressor (from the config).
+            datamodule: the weight rows and source model (from the config).
+            ckpt_path: a checkpoint written by ``aecompress fit`` with this config.
+            out_dir: the directory to create.
+            format: ``decoded`` (plain transformers, full size) or ``compact``
+                (latents + decoder + remaining weights; read with ``aecompress.load_compact``).
+            overwrite: replace ``out_dir`` if it exists.
+        """
+        if self.is_global_zero:
+            load_weights(model, ckpt_path)
+            forms = model.stored_forms(datamodule.rows)
+            export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
+                   datamodule.model_name, out_dir, format, overwrite)
+            ratio = sum(f.group.rows * f.group.width for f in forms.values()) / sum(f.numbers for f in forms.values())
+            print(f"exported {format} model to {out_dir} (achieved ratio {ratio:.3f})")
+        self.strategy.barrier("aecompress-export")
+
+
+class AECompressCLI(LightningCLI):
+    """Links the data module's group specs into the compressor and reports the best checkpoint."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's training subcommands plus ``export``."""
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "export": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Group sizes and budgets are known only once the model is loaded."""
+        parser.link_arguments("data.group_specs", "model.groups", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        """Print where the best checkpoint is, for ``aecompress export --ckpt_path``."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.best_model_path:
+            _print_rank_zero(f"best checkpoint: {callback.best_model_path} ({callback.monitor}={callback.best_model_score})")
+
+
+@rank_zero_only
+def _print_rank_zero(message: str) -> None:
+    print(message, flush=True)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+# Boolean options that may be given bare, as in ``--overwrite``; jsonargparse wants a value.
+_FLAGS = ("--overwrite",)
+
+
+def _bare_flags(args: list[str]) -> list[str]:
+    """Turn a bare ``--overwrite`` into ``--overwrite=true``."""
+    out = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        bare = following is None or following.startswith("-")
+        out.append(f"{arg}=true" if arg in _FLAGS and bare else arg)
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``aecompress`` console script."""
+    _configure_logging()
+    args = _bare_flags(sys.argv[1:] if args is None else list(args))
+    try:
+        AECompressCLI(
+            CompressorModule,
+            WeightRowsDataModule,
+            trainer_class=AETrainer,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except AECompressError as err:
+        print(f"aecompress: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Weight rows as a training set: the LightningDataModule.
+
+The data module loads the model once, selects the weight groups and keeps
+their rows. Everything the LightningModule must know to size itself (rows,
+width, stored budget per group) is computed in ``__init__`` so LightningCLI
+can link it into the model before either is used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+from aecompress.budget import budget_numbers
+from aecompress.errors import AECompressError
+from aecompress.groups import Mode, WeightGroup, extract_rows, select_groups
+from aecompress.loading import ModelClass, load_model
+
+log = logging.getLogger(__name__)
+
+
+class RowsDataset(Dataset):
+    """Rows of one group: (index, row, norm, weight) per item."""
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor):
+        self.rows = rows
+        self.norms = rows.norm(dim=1)
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i: int):
+        return i, self.rows[i], self.norms[i], self.weights[i]
+
+
+class WeightRowsDataModule(L.LightningDataModule):
+    """Serves the rows of selected weight matrices of a transformers model.
+
+    Args:
+        model: a local directory, a hub id, or a packaged name (``minilm-l6``, ``smollm2-135m``).
+        modules: module types from the architecture's preset (``key``, ``k_proj``,
+            ``attention``, ``mlp``...) or fnmatch patterns over parameter names.
+        mode: ``concatenated`` stacks one module type across all layers so one
+            decoder serves them; ``separated`` compresses each matrix on its own.
+        include: keep only parameters whose names match one of these patterns.
+        exclude: drop parameters whose names match any of these patterns.
+        ratio: target compression ratio (original numbers / stored numbers) per group.
+        batch_size: rows per training batch, per group.
+        val_batch_size: rows per validation batch.
+        num_workers: DataLoader workers.
+        row_weights: optional safetensors file mapping parameter names to 1-D
+            per-row weights (e.g. Fisher information) that scale each row's loss.
+        model_class: which head to load; ``auto`` follows ``config.architectures``.
+        trust_remote_code: allow model code from the checkpoint. Off unless you pass it.
+    """
+
+    def __init__(
+        self,
+        model: str = "minilm-l6",
+        modules: list[str] = ["key"],  # noqa: B006 - jsonargparse reads list defaults from the signature
+        mode: Mode = "concatenated",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        ratio: float = 10.0,
+        batch_size: int = 16,
+        val_batch_size: int = 4096,
+        num_workers: int = 0,
+        row_weights: str | None = None,
+        model_class: ModelClass = "auto",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if not ratio > 1:
+            raise AECompressError(f"data.ratio must be greater than 1, got {ratio}")
+        if batch_size < 1 or val_batch_size < 1:
+            raise AECompressError(f"batch sizes must be at least 1, got {batch_size} and {val_batch_size}")
+        self.model_name = model
+        self.ratio = ratio
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
+        self.groups: list[WeightGroup] = select_groups(self.hf_model, modules, mode, include, exclude)
+        self.rows = {g.name: extract_rows(self.hf_model, g) for g in self.groups}
+        self._check_finite()
+        self.weights = self._row_weights(row_weights)
+        self.group_specs = [
+            {**g.to_dict(), "budget": budget_numbers(g.rows, g.width, ratio), "ratio": ratio} for g in self.groups
+        ]
+        for g in self.groups:
+            log.info("group %s: %d rows x %d (%d matrices)", g.name, g.rows, g.width, len(g.members))
+
+    def _check_finite(self) -> None:
+        for name, rows in self.rows.items():
+            bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()
+            if len(bad):
+                raise AECompressError(
+                    f"group {name!r} has {len(bad)} rows with NaN or inf in the source weights "
+                    f"(first row index {int(bad[0])}); fix the checkpoint before compressing"
+                )
+
+    def _row_weights(self, path: str | None) -> dict[str, torch.Tensor]:
+        if path is None:
+            return {g.name: torch.ones(g.rows) for g in self.groups}
+        try:
+            table = load_file(path)
+        except Exception as err:
+            raise AECompressError(f"cannot read row weights {path!r}: {err}") from err
+        weights = {}
+        for g in self.groups:
+            missing = [m.param for m in g.members if m.param not in table]
+            if missing:
+                raise AECompressError(f"row weights {path!r} have no entry for {missing[0]!r}")
+            w = torch.cat([table[m.param].float().flatten() for m in g.members])
+            if w.numel() != g.rows or not torch.isfinite(w).all() or (w < 0).any():
+                raise AECompressError(
+                    f"row weights for group {g.name!r} must be {g.rows} finite non-negative numbers"
+                )
+            weights[g.name] = w
+        return weights
+
+    def dataset(self, name: str) -> RowsDataset:
+        """The rows of one group as a dataset."""
+        return RowsDataset(self.rows[name], self.weights[name])
+
+    def train_dataloader(self) -> CombinedLoader:
+        """One loader per group, cycled together so every step trains every group."""
+        loaders = {
+            g.name: DataLoader(
+                self.dataset(g.name), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
+            )
+            for g in self.groups
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """All rows of every group, in group order (dataloader index = group index)."""
+        return [
+            DataLoader(self.dataset(g.name), batch_size=self.val_batch_size, num_workers=self.num_workers)
+            for g in self.groups
+        ]

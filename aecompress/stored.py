@@ -1,0 +1,86 @@
+"""The stored form: one interface for every compressor.
+
+A compressor turns a weight group into a :class:`StoredForm` — named tensors
+plus JSON metadata — and registers a decode function for its method name.
+Export, ``load_compact``, evaluation and the budget accountant only ever see
+stored forms, so they never need to know which method made one. Decoders are
+looked up in a fixed registry; nothing is imported by name from an artifact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from aecompress.autoencoder import AESpec, apply_decoder, build_decoder
+from aecompress.budget import stored_bytes, stored_numbers
+from aecompress.errors import AECompressError
+from aecompress.groups import WeightGroup
+
+
+@dataclass
+class StoredForm:
+    """What one compressor keeps for one weight group."""
+
+    method: str
+    group: WeightGroup
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def numbers(self) -> int:
+        """Stored numbers, counted by the one accountant."""
+        return stored_numbers(self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        """Stored bytes, counted by the one accountant."""
+        return stored_bytes(self.tensors)
+
+    @property
+    def ratio(self) -> float:
+        """Achieved compression ratio in numbers."""
+        return self.group.rows * self.group.width / self.numbers
+
+
+Decoder = Callable[[StoredForm], torch.Tensor]
+DECODERS: dict[str, Decoder] = {}
+
+
+def register(method: str) -> Callable[[Decoder], Decoder]:
+    """Register the decode function of a compression method."""
+
+    def wrap(fn: Decoder) -> Decoder:
+        DECODERS[method] = fn
+        return fn
+
+    return wrap
+
+
+def decode(stored: StoredForm) -> torch.Tensor:
+    """Decode a stored form to its (rows x width) float32 matrix."""
+    if stored.method not in DECODERS:
+        raise AECompressError(f"unknown compression method {stored.method!r}; valid: {', '.join(sorted(DECODERS))}")
+    rows = DECODERS[stored.method](stored)
+    expected = (stored.group.rows, stored.group.width)
+    if tuple(rows.shape) != expected:
+        raise AECompressError(f"group {stored.group.name!r} decodes to {tuple(rows.shape)}, expected {expected}")
+    return rows
+
+
+@register("ae")
+@torch.no_grad()
+def decode_autoencoder(stored: StoredForm) -> torch.Tensor:
+    """Run the stored decoder over the stored latents (CPU, float32, deterministic)."""
+    spec = AESpec.from_dict(stored.meta["spec"])
+    decoder = build_decoder(spec)
+    prefix = "decoder."
+    state = {k[len(prefix) :]: v for k, v in stored.tensors.items() if k.startswith(prefix)}
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise AECompressError(f"group {stored.group.name!r}: stored decoder does not match its spec: {err}") from err
+    norms = stored.tensors.get("norms") if spec.enforce_norm else None
+    return apply_decoder(decoder.float().eval(), stored.tensors["latents"].float(), norms)

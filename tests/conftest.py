@@ -1,0 +1,83 @@
+"""Tiny random models of real transformers classes, saved as local checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = dict(hidden=32, layers=2, heads=2, inter=64, vocab=96)
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """A 2-layer, hidden-32 config of a real architecture."""
+    if family == "bert":
+        return transformers.BertConfig(
+            vocab_size=TINY["vocab"], hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+            num_attention_heads=TINY["heads"], intermediate_size=TINY["inter"], max_position_embeddings=64,
+            architectures=["BertModel"],
+        )
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=TINY["vocab"], n_embd=TINY["hidden"], n_layer=TINY["layers"], n_head=TINY["heads"],
+            n_positions=64, architectures=["GPT2LMHeadModel"],
+        )
+    if family == "llama":
+        return transformers.LlamaConfig(
+            vocab_size=TINY["vocab"], hidden_size=TINY["hidden"], num_hidden_layers=TINY["layers"],
+            num_attention_heads=TINY["heads"], num_key_value_heads=1, intermediate_size=TINY["inter"],
+            max_position_embeddings=64, architectures=["LlamaForCausalLM"],
+        )
+    raise ValueError(family)
+
+
+def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model with the head its config names."""
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    cls = {"bert": transformers.BertModel, "gpt2": transformers.GPT2LMHeadModel,
+           "llama": transformers.LlamaForCausalLM}[family]
+    return cls(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Local checkpoints of tiny BERT, GPT-2 and Llama models."""
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {}
+    for family in ("bert", "gpt2", "llama"):
+        dirs[family] = root / family
+        build_tiny(family).save_pretrained(dirs[family])
+    return dirs
+
+
+def write_config(path: Path, model_dir: Path, modules: list[str], workdir: Path, **overrides) -> Path:
+    """A small fit config for a tiny model, with checkpoints under ``workdir``."""
+    import yaml
+
+    config = {
+        "seed_everything": 0,
+        "data": {"model": str(model_dir), "modules": modules, "mode": "concatenated", "ratio": 4.0,
+                 "batch_size": 16},
+        "model": {"encoder": "mlp", "decoder": "mlp"},
+        "trainer": {
+            "max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(workdir),
+            "callbacks": [{
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(workdir / "ckpt"), "filename": "best", "monitor": "val/rel_fro",
+                              "save_top_k": 1, "enable_version_counter": False},
+            }],
+        },
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        config[section][name] = value
+    path.write_text(yaml.safe_dump(config))
+    return path

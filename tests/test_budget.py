@@ -1,0 +1,58 @@
+"""Sizing autoencoders to a stored budget, counted by the one accountant."""
+
+import pytest
+import torch
+
+from aecompress.autoencoder import GroupAutoencoder, solve_spec
+from aecompress.budget import budget_numbers, stored_bytes, stored_numbers
+from aecompress.errors import AECompressError
+
+OPTIONS = dict(encoder="mlp", decoder="mlp", encoder_widths=(8.0, 4.0), decoder_widths=(2.0, 4.0),
+               latent_width=1.0, out_activation="tanh", enforce_norm=True)
+
+
+@pytest.mark.parametrize("rows,width", [(64, 32), (128, 32), (2304, 384), (256, 64)])
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 10.0])
+@pytest.mark.parametrize("decoder,encoder", [("mlp", "mlp"), ("linear", "linear"), ("linear", "free")])
+def test_budget_never_exceeded_and_counted_exactly(rows, width, ratio, decoder, encoder):
+    budget = budget_numbers(rows, width, ratio)
+    try:
+        spec = solve_spec("g", rows, width, budget, ratio, **{**OPTIONS, "decoder": decoder, "encoder": encoder})
+    except AECompressError:
+        pytest.skip("infeasible at this size")  # checked separately below
+    ae = GroupAutoencoder(spec, rows)
+    tensors = ae.stored_tensors(torch.randn(rows, width))
+    assert stored_numbers(tensors) == spec.stored_numbers(rows) <= budget
+    assert stored_bytes(tensors) == 4 * stored_numbers(tensors)
+    assert rows * width / stored_numbers(tensors) >= ratio
+
+
+def test_solution_is_the_largest_that_fits():
+    rows, width, ratio = 2304, 384, 10.0
+    budget = budget_numbers(rows, width, ratio)
+    spec = solve_spec("g", rows, width, budget, ratio, **OPTIONS)
+    bigger = solve_spec("g", rows, width, 10**9, ratio, **OPTIONS)
+    assert spec.latent < bigger.latent
+    from aecompress.autoencoder import spec_for_scale
+
+    assert spec_for_scale(spec.latent + 1, width, **OPTIONS).stored_numbers(rows) > budget
+
+
+def test_infeasible_ratio_states_the_range():
+    with pytest.raises(AECompressError, match=r"ratio 50.0 is infeasible .*feasible ratios are 1 < ratio <= \d"):
+        solve_spec("key", 64, 32, budget_numbers(64, 32, 50.0), 50.0, **OPTIONS)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0, -3.0])
+def test_ratio_must_exceed_one(ratio):
+    with pytest.raises(AECompressError, match="greater than 1"):
+        budget_numbers(10, 10, ratio)
+
+
+def test_zero_norm_rows_decode_without_nan():
+    spec = solve_spec("g", 64, 32, budget_numbers(64, 32, 2.0), 2.0, **OPTIONS)
+    ae = GroupAutoencoder(spec, 64)
+    rows = torch.randn(64, 32)
+    rows[3] = 0
+    out = ae(rows, torch.arange(64), rows.norm(dim=1))
+    assert torch.isfinite(out).all() and torch.count_nonzero(out[3]) == 0
