@@ -3,7 +3,10 @@
 Every compressor's stored form is a set of tensors (latents, decoder weights
 and biases, norms, factors...). Its cost is what those tensors hold, counted
 here and nowhere else, so a comparison "at ratio 10" is fair by construction.
-The ratio is original numbers (or bytes) over stored numbers (or bytes).
+The ratio is the original float32 bytes over the stored bytes; for stored forms
+kept in float32 that is the same as original numbers over stored numbers.
+Methods that store fewer bits (quantization, pruning masks, low-precision
+latents) are counted by their bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ def stored_numbers(tensors: Mapping[str, torch.Tensor]) -> int:
 def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """How many bytes a stored form keeps, at each tensor's own dtype."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+ORIGINAL_BYTES_PER_NUMBER = 4  # ratios are measured against the float32 original
+
+
+def original_bytes(rows: int, width: int) -> int:
+    """Bytes of a (rows x width) matrix in float32, the reference for every ratio."""
+    return rows * width * ORIGINAL_BYTES_PER_NUMBER
+
+
+def budget_bytes(rows: int, width: int, ratio: float) -> int:
+    """The most bytes a stored form of a (rows x width) matrix may keep at ``ratio``."""
+    return budget_numbers(rows, width, ratio) * ORIGINAL_BYTES_PER_NUMBER
 
 
 def budget_numbers(rows: int, width: int, ratio: float) -> int:

@@ -7,8 +7,10 @@ same ``--config`` as ``fit`` and its flags come from its signature.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -16,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from aecompress.data import WeightRowsDataModule
 from aecompress.errors import AECompressError
-from aecompress.export import ExportFormat, export
+from aecompress.export import ExportFormat, export, sidecar
 from aecompress.module import CompressorModule, load_weights
 
 log = logging.getLogger("aecompress")
@@ -50,8 +52,8 @@ class AETrainer(L.Trainer):
             forms = model.stored_forms(datamodule.rows)
             export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
                    datamodule.model_name, out_dir, format, overwrite)
-            ratio = sum(f.group.rows * f.group.width for f in forms.values()) / sum(f.numbers for f in forms.values())
-            print(f"exported {format} model to {out_dir} (achieved ratio {ratio:.3f})")
+            meta = sidecar(forms, datamodule.source, datamodule.auto_class, format, datamodule.model_name)
+            print(f"exported {format} model to {out_dir} (achieved ratio {meta['achieved_ratio']:.3f})")
         self.strategy.barrier("aecompress-export")
 
 
@@ -105,17 +107,45 @@ def _bare_flags(args: list[str]) -> list[str]:
     return out
 
 
+# Commands that do not train a compressor: plain functions whose typed signature is the
+# schema and whose docstring is the --help text (run through jsonargparse.CLI).
+# A fixed table of our own modules; nothing here is imported by a name a user supplies.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _run_extra(name: str, args: list[str]) -> None:
+    from jsonargparse import CLI
+
+    module, function = EXTRA_COMMANDS[name]
+    CLI(getattr(importlib.import_module(module), function), args=args, prog=f"aecompress {name}", as_positional=False)
+
+
+def _epilog() -> str:
+    if not EXTRA_COMMANDS:
+        return ""
+    return "other commands: " + ", ".join(EXTRA_COMMANDS) + " (see aecompress COMMAND --help)"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``aecompress`` console script."""
     _configure_logging()
+    # We always hand LightningCLI the (normalized) argv ourselves; its warning about that is noise.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     args = _bare_flags(sys.argv[1:] if args is None else list(args))
     try:
+        if args and args[0] in EXTRA_COMMANDS:
+            _run_extra(args[0], args[1:])
+            return
         AECompressCLI(
             CompressorModule,
             WeightRowsDataModule,
             trainer_class=AETrainer,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "description": "Compress transformer weights with autoencoders (fit, validate, export).",
+                "epilog": _epilog(),
+            },
             args=args,
         )
     except AECompressError as err:

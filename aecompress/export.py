@@ -23,6 +23,7 @@ from torch import nn
 
 from aecompress import __version__
 from aecompress.atomic import atomic_directory, check_target
+from aecompress.budget import original_bytes
 from aecompress.groups import assign_rows, extract_rows
 from aecompress.stored import StoredForm, decode
 
@@ -74,6 +75,7 @@ def sidecar(
     """Provenance and accounting shared by both formats."""
     original = sum(f.group.rows * f.group.width for f in forms.values())
     stored = sum(f.numbers for f in forms.values())
+    stored_b = sum(f.bytes for f in forms.values())
     return {
         "format": f"aecompress-{fmt}",
         "format_version": FORMAT_VERSION,
@@ -82,10 +84,11 @@ def sidecar(
         "source": source,
         "auto_class": auto_class,
         "target_ratio": next(iter(forms.values())).meta.get("target_ratio") if forms else None,
-        "achieved_ratio": original / stored if stored else None,
+        "achieved_ratio": original_bytes(original, 1) / stored_b if stored_b else None,
         "original_numbers": original,
+        "original_bytes": original_bytes(original, 1),
         "stored_numbers": stored,
-        "stored_bytes": sum(f.bytes for f in forms.values()),
+        "stored_bytes": stored_b,
         "groups": [
             {
                 "group": f.group.to_dict(),

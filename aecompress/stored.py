@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aecompress.autoencoder import AESpec, apply_decoder, build_decoder
-from aecompress.budget import stored_bytes, stored_numbers
+from aecompress.budget import original_bytes, stored_bytes, stored_numbers
 from aecompress.errors import AECompressError
 from aecompress.groups import WeightGroup
 
@@ -41,8 +41,8 @@ class StoredForm:
 
     @property
     def ratio(self) -> float:
-        """Achieved compression ratio in numbers."""
-        return self.group.rows * self.group.width / self.numbers
+        """Achieved compression ratio: original float32 bytes over stored bytes."""
+        return original_bytes(self.group.rows, self.group.width) / self.bytes
 
 
 Decoder = Callable[[StoredForm], torch.Tensor]
