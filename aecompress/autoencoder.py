@@ -18,7 +18,7 @@ from torch import nn
 from aecompress.budget import infeasible, largest_fitting
 
 EncoderKind = Literal["mlp", "linear", "free"]
-DecoderKind = Literal["mlp", "linear"]
+DecoderKind = Literal["mlp", "linear", "residual"]
 OutActivation = Literal["tanh", "none"]
 
 # Norm division guard: a zero-norm row decodes to zero instead of NaN.
@@ -35,15 +35,20 @@ class AESpec:
     encoder_hidden: tuple[int, ...] | None  # None: free latents, no encoder
     out_activation: OutActivation = "tanh"
     enforce_norm: bool = True
+    decoder: DecoderKind = "mlp"
 
     def decoder_sizes(self) -> list[int]:
-        """Layer widths from latent to row."""
+        """Layer widths from latent to row (for ``residual``: of the non-linear branch)."""
         return [self.latent, *self.decoder_hidden, self.width]
 
     def decoder_numbers(self) -> int:
-        """Parameters in the decoder (weights and biases): all of them are stored."""
-        sizes = self.decoder_sizes()
-        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        """Parameters in the decoder (weights and biases): all of them are stored.
+
+        Counted on the meta device from the module itself, so the count can never
+        drift from what is built and stored.
+        """
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_decoder(self).parameters())
 
     def stored_numbers(self, rows: int) -> int:
         """Latents + decoder + norms, as the accountant will count them."""
@@ -64,6 +69,7 @@ class AESpec:
             encoder_hidden=None if enc is None else tuple(int(h) for h in enc),
             out_activation=data.get("out_activation", "tanh"),
             enforce_norm=bool(data.get("enforce_norm", True)),
+            decoder=data.get("decoder", "mlp"),
         )
 
 
@@ -77,10 +83,20 @@ def spec_for_scale(
     latent_width: float,
     out_activation: OutActivation,
     enforce_norm: bool,
+    residual_hidden: int = 32,
 ) -> AESpec:
-    """The architecture at one integer scale ``x`` (widths are multiples of it)."""
+    """The architecture at one integer scale ``x`` (widths are multiples of it).
+
+    For ``linear`` and ``residual`` decoders the scale is the latent size itself
+    (times ``latent_width``); the residual branch has a fixed hidden width.
+    """
     latent = max(1, round(latent_width * scale))
-    dec = tuple(max(1, round(w * scale)) for w in decoder_widths) if decoder == "mlp" else ()
+    if decoder == "mlp":
+        dec = tuple(max(1, round(w * scale)) for w in decoder_widths)
+    elif decoder == "residual":
+        dec = (residual_hidden,)
+    else:
+        dec = ()
     enc: tuple[int, ...] | None
     if encoder == "free":
         enc = None
@@ -88,7 +104,7 @@ def spec_for_scale(
         enc = tuple(max(1, round(w * scale)) for w in encoder_widths)
     else:
         enc = ()
-    return AESpec(width, latent, dec, enc, out_activation, enforce_norm)
+    return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder)
 
 
 def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **options) -> AESpec:
@@ -119,8 +135,29 @@ def mlp(sizes: list[int], out: nn.Module | None = None) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_decoder(spec: AESpec) -> nn.Sequential:
+class ResidualDecoder(nn.Module):
+    """A linear map plus a small non-linear correction that starts at exactly zero.
+
+    Initialized from a factorization, the linear part reproduces it and the
+    zero-initialized last layer of the branch means training starts no worse
+    than the factorization it begins from.
+    """
+
+    def __init__(self, latent: int, hidden: int, width: int):
+        super().__init__()
+        self.linear = nn.Linear(latent, width)
+        self.branch = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        nn.init.zeros_(self.branch[2].weight)
+        nn.init.zeros_(self.branch[2].bias)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.linear(latents) + self.branch(latents)
+
+
+def build_decoder(spec: AESpec) -> nn.Module:
     """The decoder network for a spec (the stored part)."""
+    if spec.decoder == "residual":
+        return ResidualDecoder(spec.latent, spec.decoder_hidden[0], spec.width)
     return mlp(spec.decoder_sizes(), nn.Tanh() if spec.out_activation == "tanh" else None)
 
 

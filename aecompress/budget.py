@@ -66,7 +66,22 @@ def largest_fitting(cost: Callable[[int], int], budget: int, upper: int) -> int 
 def infeasible(group: str, rows: int, width: int, ratio: float, smallest_cost: int, what: str) -> AECompressError:
     """The error for a ratio this group cannot reach, stating the feasible range."""
     max_ratio = rows * width / smallest_cost
+    feasible = f"feasible ratios are 1 < ratio <= {max_ratio:.2f}" if max_ratio > 1 else "no ratio above 1 is feasible"
     return AECompressError(
         f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
-        f"the smallest stored form keeps {smallest_cost} numbers; feasible ratios are 1 < ratio <= {max_ratio:.2f}"
+        f"the smallest stored form keeps {smallest_cost} numbers; {feasible}"
+    )
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes that ``count`` codes of ``bits`` bits each take, packed end to end into uint8."""
+    return math.ceil(count * bits / 8)
+
+
+def infeasible_bytes(group: str, rows: int, width: int, ratio: float, smallest_bytes: int, what: str) -> AECompressError:
+    """The error for a ratio this group cannot reach, with the smallest form counted in bytes."""
+    max_ratio = original_bytes(rows, width) / smallest_bytes
+    return AECompressError(
+        f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
+        f"the smallest stored form takes {smallest_bytes} bytes; feasible ratios are 1 < ratio <= {max_ratio:.2f}"
     )

@@ -57,6 +57,11 @@ class AETrainer(L.Trainer):
         self.strategy.barrier("aecompress-export")
 
 
+def _train_on(loss: str) -> str:
+    """The model-level ``kl`` loss trains on calibration text; every other loss on weight rows."""
+    return "calibration" if loss == "kl" else "rows"
+
+
 class AECompressCLI(LightningCLI):
     """Links the data module's group specs into the compressor and reports the best checkpoint."""
 
@@ -72,6 +77,7 @@ class AECompressCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         """Group sizes and budgets are known only once the model is loaded."""
         parser.link_arguments("data.group_specs", "model.groups", apply_on="instantiate")
+        parser.link_arguments("model.loss", "data.train_on", compute_fn=_train_on, apply_on="parse")
 
     def after_fit(self) -> None:
         """Print where the best checkpoint is, for ``aecompress export --ckpt_path``."""

@@ -9,12 +9,13 @@ can link it into the model before either is used.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from aecompress.budget import budget_numbers
 from aecompress.errors import AECompressError
@@ -25,18 +26,30 @@ log = logging.getLogger(__name__)
 
 
 class RowsDataset(Dataset):
-    """Rows of one group: (index, row, norm, weight) per item."""
+    """Rows of one group: (index, row, norm, weight, member) per item.
 
-    def __init__(self, rows: torch.Tensor, weights: torch.Tensor):
+    ``member`` is the index of the matrix (layer) the row came from, so a
+    data-aware loss can measure each row with its own layer's statistics.
+    """
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, members: torch.Tensor):
         self.rows = rows
         self.norms = rows.norm(dim=1)
         self.weights = weights
+        self.members = members
 
     def __len__(self) -> int:
         return self.rows.shape[0]
 
     def __getitem__(self, i: int):
-        return i, self.rows[i], self.norms[i], self.weights[i]
+        return i, self.rows[i], self.norms[i], self.weights[i], self.members[i]
+
+
+def member_index(group: WeightGroup, model) -> torch.Tensor:
+    """For each stacked row, the index of the member matrix it came from."""
+    params = dict(model.named_parameters())
+    counts = [m.view(params[m.param]).shape[0] for m in group.members]
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
 
 
 class WeightRowsDataModule(L.LightningDataModule):
@@ -51,13 +64,21 @@ class WeightRowsDataModule(L.LightningDataModule):
         include: keep only parameters whose names match one of these patterns.
         exclude: drop parameters whose names match any of these patterns.
         ratio: target compression ratio (original numbers / stored numbers) per group.
-        batch_size: rows per training batch, per group.
+        batch_size: rows per training batch, per group; 0 trains on all rows at once.
         val_batch_size: rows per validation batch.
         num_workers: DataLoader workers.
         row_weights: optional safetensors file mapping parameter names to 1-D
             per-row weights (e.g. Fisher information) that scale each row's loss.
         model_class: which head to load; ``auto`` follows ``config.architectures``.
         trust_remote_code: allow model code from the checkpoint. Off unless you pass it.
+        calibration: text for data-aware training (input covariances of each layer):
+            a split name such as ``calibration`` or ``wiki:all[-8192:]``, or a local path.
+            Needed by ``model.loss: whitened`` and ``model.init: whitened_svd``.
+        calibration_window: tokens per calibration window.
+        calibration_tokens: at most this many calibration tokens are used.
+        calibration_batch_size: windows per training batch when training on calibration text.
+        train_on: ``rows`` or ``calibration`` windows; linked from ``model.loss``
+            (``kl`` trains on calibration text), so it is never set by hand.
     """
 
     def __init__(
@@ -74,12 +95,19 @@ class WeightRowsDataModule(L.LightningDataModule):
         row_weights: str | None = None,
         model_class: ModelClass = "auto",
         trust_remote_code: bool = False,
+        calibration: str | None = None,
+        calibration_window: int = 512,
+        calibration_tokens: int = 8192,
+        calibration_batch_size: int = 1,
+        train_on: Literal["rows", "calibration"] = "rows",
     ):
         super().__init__()
         if not ratio > 1:
             raise AECompressError(f"data.ratio must be greater than 1, got {ratio}")
-        if batch_size < 1 or val_batch_size < 1:
-            raise AECompressError(f"batch sizes must be at least 1, got {batch_size} and {val_batch_size}")
+        if batch_size < 0 or val_batch_size < 1:
+            raise AECompressError(
+                f"data.batch_size must be >= 0 (0: all rows) and val_batch_size >= 1, got {batch_size} and {val_batch_size}"
+            )
         self.model_name = model
         self.ratio = ratio
         self.batch_size = batch_size
@@ -88,6 +116,14 @@ class WeightRowsDataModule(L.LightningDataModule):
         self.hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
         self.groups: list[WeightGroup] = select_groups(self.hf_model, modules, mode, include, exclude)
         self.rows = {g.name: extract_rows(self.hf_model, g) for g in self.groups}
+        self.members = {g.name: member_index(g, self.hf_model) for g in self.groups}
+        self.calibration = calibration
+        self.calibration_window = calibration_window
+        self.calibration_tokens = calibration_tokens
+        self.calibration_batch_size = calibration_batch_size
+        self.train_on = train_on
+        self.covariances: dict[str, torch.Tensor] | None = None
+        self._windows: torch.Tensor | None = None
         self._check_finite()
         self.weights = self._row_weights(row_weights)
         self.group_specs = [
@@ -125,15 +161,52 @@ class WeightRowsDataModule(L.LightningDataModule):
             weights[g.name] = w
         return weights
 
+    def calibration_covariances(self) -> dict[str, torch.Tensor]:
+        """Per group, the stacked input covariances of its members [members, width, width].
+
+        Computed once from the calibration text (and cached on disk by
+        :mod:`aecompress.calibration`), then kept for the rest of the run.
+        """
+        if self.covariances is None:
+            from aecompress.calibration import collect
+
+            stats = collect(self.hf_model, self.groups, self.calibration_windows(), what=("covariance",))
+            self.covariances = {g.name: stats[g.name].stacked_covariance() for g in self.groups}
+        return self.covariances
+
+    def calibration_windows(self) -> torch.Tensor:
+        """Calibration text as token windows [n, calibration_window], tokenized once."""
+        if self._windows is None:
+            if self.calibration is None:
+                raise AECompressError("this recipe needs calibration text: set data.calibration (e.g. calibration)")
+            from transformers import AutoTokenizer
+
+            from aecompress.text import token_ids, windows
+
+            tokenizer = AutoTokenizer.from_pretrained(self.source)
+            ids = token_ids(self.calibration, tokenizer)[: self.calibration_tokens]
+            self._windows = windows(ids, self.calibration_window, self.calibration_window)
+        return self._windows
+
     def dataset(self, name: str) -> RowsDataset:
         """The rows of one group as a dataset."""
-        return RowsDataset(self.rows[name], self.weights[name])
+        return RowsDataset(self.rows[name], self.weights[name], self.members[name])
 
-    def train_dataloader(self) -> CombinedLoader:
-        """One loader per group, cycled together so every step trains every group."""
+    def train_dataloader(self) -> CombinedLoader | DataLoader:
+        """One loader per group, cycled together so every step trains every group.
+
+        When training on the model's outputs (``model.loss: kl``), batches are
+        calibration token windows instead.
+        """
+        if self.train_on == "calibration":
+            windows = TensorDataset(self.calibration_windows())
+            return DataLoader(windows, batch_size=self.calibration_batch_size, shuffle=True)
         loaders = {
             g.name: DataLoader(
-                self.dataset(g.name), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
+                self.dataset(g.name),
+                batch_size=self.batch_size or g.rows,
+                shuffle=True,
+                num_workers=self.num_workers,
             )
             for g in self.groups
         }

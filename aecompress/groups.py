@@ -289,3 +289,27 @@ def assign_rows(model: nn.Module, group: WeightGroup, rows: torch.Tensor) -> Non
             target = member.view(params[member.param])
             target.copy_(rows[start : start + target.shape[0]].to(target.dtype))
             start += target.shape[0]
+
+
+def substituted_params(model: nn.Module, decoded: dict[WeightGroup, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full parameter tensors with decoded rows in place, built without writing to the model.
+
+    Differentiable in the decoded rows, for ``torch.func.functional_call``: the
+    model itself keeps its original weights (the teacher), while the returned
+    tensors carry the compressed ones (the student). Fused parameters touched by
+    several groups (GPT-2's ``c_attn``) get every part replaced.
+    """
+    params = dict(model.named_parameters())
+    pieces: dict[str, list[torch.Tensor]] = {}
+    transposed: dict[str, bool] = {}
+    for group, rows in decoded.items():
+        start = 0
+        for member in group.members:
+            full = params[member.param]
+            linear = full.t() if member.transposed else full
+            size = linear.shape[0] // member.parts
+            parts = pieces.setdefault(member.param, list(linear.detach().split(size)))
+            parts[member.part] = rows[start : start + size].to(full.dtype)
+            transposed[member.param] = member.transposed
+            start += size
+    return {name: torch.cat(parts).t() if transposed[name] else torch.cat(parts) for name, parts in pieces.items()}

@@ -62,3 +62,30 @@ def row_loss(
         w = weights.float()
     w = w / w.sum().clamp_min(1e-12)
     return cos_weight * (w * cos).sum() + rmse_weight * (w * mse).sum().clamp_min(1e-20).sqrt()
+
+
+def whitened_loss(
+    recon: torch.Tensor, target: torch.Tensor, member: torch.Tensor, factors: torch.Tensor
+) -> torch.Tensor:
+    """Relative data-aware error: sum_m ||(W'_m - W_m) L_m||^2 / sum_m ||W_m L_m||^2.
+
+    ``L_m`` (``factors[m]``) is the Cholesky factor of member m's calibration input
+    covariance, so the error counts what the layer's outputs would lose on real
+    inputs rather than raw weight distance. Rows of a batch may come from any
+    members; each is measured with its own layer's factor.
+    """
+    num = recon.new_zeros((), dtype=torch.float32)
+    den = recon.new_zeros((), dtype=torch.float32)
+    for m in torch.unique(member).tolist():
+        sel = member == m
+        lower = factors[m].float()
+        num = num + ((recon[sel].float() - target[sel].float()) @ lower).pow(2).sum()
+        den = den + (target[sel].float() @ lower).pow(2).sum()
+    return num / den.clamp_min(1e-30)
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in float32."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()

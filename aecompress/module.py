@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import lightning as L
 import torch
@@ -11,11 +12,15 @@ from torch import nn
 
 from aecompress.autoencoder import AESpec, DecoderKind, EncoderKind, GroupAutoencoder, OutActivation, solve_spec
 from aecompress.errors import AECompressError
-from aecompress.groups import WeightGroup
-from aecompress.metrics import ReconstructionError, row_loss
+from aecompress.factorize import cholesky_factor, truncated_svd, whitened_svd
+from aecompress.groups import WeightGroup, substituted_params
+from aecompress.metrics import ReconstructionError, next_token_kl, row_loss, whitened_loss
 from aecompress.stored import StoredForm
 
 log = logging.getLogger(__name__)
+
+InitKind = Literal["random", "svd", "whitened_svd"]
+LossKind = Literal["cos_rmse", "whitened", "kl"]
 
 
 class CompressorModule(L.LightningModule):
@@ -24,14 +29,25 @@ class CompressorModule(L.LightningModule):
     Args:
         groups: weight groups with their budgets; linked from ``data.group_specs``.
         encoder: ``mlp`` or ``linear`` encoder, or ``free`` latents trained directly.
-        decoder: ``mlp`` or ``linear`` decoder.
+        decoder: ``mlp``, ``linear``, or ``residual`` (linear plus a small zero-initialized
+            non-linear branch) decoder.
         encoder_widths: encoder hidden widths, as multiples of the solved scale.
         decoder_widths: decoder hidden widths, as multiples of the solved scale.
         latent_width: latent size as a multiple of the solved scale.
         out_activation: ``tanh`` (the seed) or ``none`` on the decoder output.
         enforce_norm: rescale each decoded row to its stored original norm (one number per row).
-        cos_weight: weight of the cosine distance in the loss.
-        rmse_weight: weight of the RMSE in the loss.
+        cos_weight: weight of the cosine distance in the ``cos_rmse`` loss.
+        rmse_weight: weight of the RMSE in the ``cos_rmse`` loss.
+        init: ``random``, or start exactly at a factorization: ``svd`` or ``whitened_svd``
+            (the latter with the group's mean calibration covariance). Needs free
+            latents, a linear or residual decoder, and no output activation.
+        loss: ``cos_rmse`` (the seed: cosine distance + RMSE per row) or ``whitened``:
+            ||(W' - W) L_m|| with each layer's calibration covariance L_m L_mᵀ,
+            relative to ||W L_m||; needs ``data.calibration``. ``kl``: the model-level
+            objective — KL divergence between the original and the compressed model's
+            next-token distributions on calibration windows (rest of the model frozen).
+        residual_hidden: hidden width of the ``residual`` decoder's non-linear branch.
+        damp: covariance damping, as a fraction of its mean diagonal.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -48,6 +64,10 @@ class CompressorModule(L.LightningModule):
         enforce_norm: bool = True,
         cos_weight: float = 10 / 11,
         rmse_weight: float = 1 / 11,
+        init: InitKind = "random",
+        loss: LossKind = "cos_rmse",
+        residual_hidden: int = 32,
+        damp: float = 1e-2,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -58,6 +78,12 @@ class CompressorModule(L.LightningModule):
             raise AECompressError("latent_width and all layer widths must be positive")
         if cos_weight < 0 or rmse_weight < 0 or cos_weight + rmse_weight == 0:
             raise AECompressError("cos_weight and rmse_weight must be non-negative and not both zero")
+        if init != "random" and (encoder != "free" or decoder == "mlp" or out_activation != "none"):
+            raise AECompressError(
+                f"model.init {init!r} starts from a factorization, so it needs encoder: free, "
+                f"decoder: linear or residual, and out_activation: none (got {encoder}, {decoder}, {out_activation})"
+            )
+        self.init_kind, self.loss_kind, self.damp = init, loss, damp
         self.groups = [WeightGroup.from_dict(g) for g in groups]
         self.budgets = {g["name"]: int(g["budget"]) for g in groups}
         self.target_ratio = float(groups[0].get("ratio", 0.0))
@@ -69,6 +95,7 @@ class CompressorModule(L.LightningModule):
             latent_width=latent_width,
             out_activation=out_activation,
             enforce_norm=enforce_norm,
+            residual_hidden=residual_hidden,
         )
         self.specs: dict[str, AESpec] = {
             g.name: solve_spec(g.name, g.rows, g.width, self.budgets[g.name], self.target_ratio, **options)
@@ -91,21 +118,86 @@ class CompressorModule(L.LightningModule):
                 g.rows * g.width / stored, self.target_ratio,
             )
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: attach calibration factors and start from a factorization if asked."""
+        if stage != "fit":
+            return
+        datamodule = self.trainer.datamodule
+        if self.loss_kind == "kl":
+            datamodule.hf_model.requires_grad_(False)
+        needs_cov = self.loss_kind == "whitened" or self.init_kind == "whitened_svd"
+        covariances = datamodule.calibration_covariances() if needs_cov else {}
+        for g in self.groups:
+            if self.loss_kind == "whitened":
+                factors = torch.stack([cholesky_factor(c, self.damp).float() for c in covariances[g.name]])
+                self.register_buffer(f"whiten__{_key(g.name)}", factors, persistent=False)
+            if self.init_kind != "random":
+                self.initialize(g.name, datamodule.rows[g.name], covariances.get(g.name))
+
+    @torch.no_grad()
+    def initialize(self, name: str, rows: torch.Tensor, covariances: torch.Tensor | None = None) -> None:
+        """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
+
+        With a residual decoder the non-linear branch starts at zero, so the
+        decoded rows equal the factorization exactly at step 0.
+        """
+        ae = self.autoencoder(name)
+        rank = ae.spec.latent
+        if self.init_kind == "whitened_svd":
+            a, b = whitened_svd(rows, cholesky_factor(covariances.double().mean(0), self.damp), rank)
+        else:
+            a, b = truncated_svd(rows, rank)
+        linear = ae.decoder.linear if ae.spec.decoder == "residual" else ae.decoder[0]
+        ae.latents.copy_(a)
+        linear.weight.copy_(b.T)
+        linear.bias.zero_()
+
     def autoencoder(self, name: str) -> GroupAutoencoder:
         """The autoencoder of a group, by group name."""
         return self.aes[_key(name)]
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        """The frozen model follows the compressor to its device (for the ``kl`` loss)."""
+        if self.loss_kind == "kl":
+            self.trainer.datamodule.hf_model.to(self.device)
+
+    def decoded_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """All rows of a group decoded, differentiably (free latents or encoder)."""
+        index = torch.arange(rows.shape[0], device=rows.device)
+        return self.autoencoder(name)(rows, index, rows.norm(dim=1))
+
+    def _kl_step(self, batch) -> torch.Tensor:
+        datamodule = self.trainer.datamodule
+        model = datamodule.hf_model
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        decoded = {g: self.decoded_rows(g.name, datamodule.rows[g.name].to(self.device)) for g in self.groups}
+        with torch.no_grad():
+            teacher = model(input_ids=ids).logits
+        student = torch.func.functional_call(model, substituted_params(model, decoded), (), {"input_ids": ids}).logits
+        loss = next_token_kl(student, teacher)
+        self._check_finite(loss, "+".join(g.name for g in self.groups))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(loss):
+            raise AECompressError(
+                f"non-finite loss ({loss.item()}) in group {name!r} at step {self.global_step}; "
+                "lower the learning rate or use 32-true precision (the last good checkpoint is kept)"
+            )
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Sum the loss of every group's batch; stop loudly on a non-finite loss."""
+        if self.loss_kind == "kl":
+            return self._kl_step(batch)
         total = 0.0
-        for name, (index, rows, norms, weights) in batch.items():
+        for name, (index, rows, norms, weights, members) in batch.items():
             recon = self.autoencoder(name)(rows, index, norms)
-            loss = row_loss(recon, rows, weights, self.cos_weight, self.rmse_weight)
-            if not torch.isfinite(loss):
-                raise AECompressError(
-                    f"non-finite loss ({loss.item()}) in group {name!r} at step {self.global_step}; "
-                    "lower the learning rate or use 32-true precision (the last good checkpoint is kept)"
-                )
+            if self.loss_kind == "whitened":
+                loss = whitened_loss(recon, rows, members, getattr(self, f"whiten__{_key(name)}"))
+            else:
+                loss = row_loss(recon, rows, weights, self.cos_weight, self.rmse_weight)
+            self._check_finite(loss, name)
             self.log(f"train/{name}/loss", loss, on_step=False, on_epoch=True)
             total = total + loss
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=True)
@@ -113,7 +205,7 @@ class CompressorModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate reconstruction error of one group's rows."""
-        index, rows, norms, _ = batch
+        index, rows, norms, _, _ = batch
         recon = self.autoencoder(self.groups[dataloader_idx].name)(rows, index, norms)
         self.val_metrics[dataloader_idx].update(recon, rows)
         self.val_total.update(recon, rows)

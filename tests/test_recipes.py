@@ -1,0 +1,92 @@
+"""Recipes beyond the seed: factorization init, data-aware loss, model-level KL."""
+
+import lightning as L
+import pytest
+import torch
+
+from aecompress.data import WeightRowsDataModule
+from aecompress.factorize import cholesky_factor, truncated_svd, whitened_svd
+from aecompress.metrics import whitened_loss
+from aecompress.module import CompressorModule
+from aecompress.stored import decode
+
+FREE = dict(encoder="free", decoder="linear", out_activation="none", enforce_norm=False)
+
+
+def datamodule(tiny_dirs, family="llama", modules=("k_proj",), **kw):
+    return WeightRowsDataModule(model=str(tiny_dirs[family]), modules=list(modules), ratio=kw.pop("ratio", 4.0), **kw)
+
+
+def random_covariances(dm, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    covs = {}
+    for g in dm.groups:
+        x = torch.randn(len(g.members), 4 * g.width, g.width, generator=gen) * torch.linspace(0.1, 3, g.width)
+        covs[g.name] = x.transpose(1, 2) @ x
+    return covs
+
+
+def trainer(steps):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+
+
+@pytest.mark.parametrize("decoder", ["linear", "residual"])
+def test_svd_init_decodes_exactly_to_truncated_svd(tiny_dirs, decoder):
+    dm = datamodule(tiny_dirs, ratio=2.0)
+    module = CompressorModule(groups=dm.group_specs, init="svd", residual_hidden=2, **{**FREE, "decoder": decoder})
+    (g,) = dm.groups
+    module.initialize(g.name, dm.rows[g.name])
+    rank = module.specs[g.name].latent
+    a, b = truncated_svd(dm.rows[g.name], rank)
+    decoded = decode(module.stored_forms(dm.rows)[g.name])
+    torch.testing.assert_close(decoded, a @ b, rtol=1e-5, atol=1e-6)
+
+
+def test_whitened_init_decodes_exactly_to_whitened_svd(tiny_dirs):
+    dm = datamodule(tiny_dirs)
+    dm.covariances = random_covariances(dm)
+    module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened", **FREE)
+    trainer(0).fit(module, dm)  # setup() initializes from the factorization; no step is taken
+    (g,) = dm.groups
+    a, b = whitened_svd(dm.rows[g.name], cholesky_factor(dm.covariances[g.name].mean(0)), module.specs[g.name].latent)
+    torch.testing.assert_close(decode(module.stored_forms(dm.rows)[g.name]), a @ b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_never_starts_worse_than_the_factorization(tiny_dirs):
+    dm = datamodule(tiny_dirs, batch_size=0)
+    dm.covariances = random_covariances(dm)
+    module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened",
+                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-4), **FREE)
+    (g,) = dm.groups
+    rows, members = dm.rows[g.name], dm.members[g.name]
+    factors = torch.stack([cholesky_factor(c) for c in dm.covariances[g.name]]).float()
+    trainer(0).fit(module, dm)
+    start = whitened_loss(decode(module.stored_forms(dm.rows)[g.name]), rows, members, factors)
+    trainer(20).fit(module, dm)
+    end = whitened_loss(decode(module.stored_forms(dm.rows)[g.name]), rows, members, factors)
+    assert end <= start
+    assert end < start * 0.999, "per-layer whitened training should improve on the mean-covariance init"
+
+
+def test_kl_objective_trains_latents_and_decoder_through_the_frozen_model(tiny_dirs):
+    dm = datamodule(tiny_dirs, modules=("k_proj", "up_proj"), train_on="calibration")
+    dm._windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    module = CompressorModule(groups=dm.group_specs, init="svd", loss="kl",
+                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
+    before = {k: v.clone() for k, v in dm.hf_model.state_dict().items()}
+    trainer(0).fit(module, dm)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer(4).fit(module, dm)
+    moved = [k for k, v in module.state_dict().items() if not torch.equal(start[k], v)]
+    assert any("latents" in k for k in moved) and any("decoder" in k for k in moved)
+    after = dm.hf_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the teacher must stay untouched"
+
+
+def test_factorization_init_needs_free_linear_recipe(tiny_dirs):
+    from aecompress.errors import AECompressError
+
+    dm = datamodule(tiny_dirs)
+    with pytest.raises(AECompressError, match="needs encoder: free"):
+        CompressorModule(groups=dm.group_specs, init="svd")
