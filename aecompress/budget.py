@@ -79,8 +79,13 @@ def packed_bytes(count: int, bits: int) -> int:
 
 
 def infeasible_bytes(group: str, rows: int, width: int, ratio: float, smallest_bytes: int, what: str) -> AECompressError:
-    """The error for a ratio this group cannot reach, with the smallest form counted in bytes."""
-    max_ratio = original_bytes(rows, width) / smallest_bytes
+    """The error for a ratio this group cannot reach, with the smallest form counted in bytes.
+
+    The budget is granted in whole float32 numbers (see :func:`budget_bytes`), so
+    the highest feasible ratio is the one whose budget still holds ``smallest_bytes``.
+    """
+    max_ratio = rows * width / math.ceil(smallest_bytes / ORIGINAL_BYTES_PER_NUMBER)
+    max_ratio = math.floor(max_ratio * 100) / 100  # rounded down, so the stated bound is always feasible
     return AECompressError(
         f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
         f"the smallest stored form takes {smallest_bytes} bytes; feasible ratios are 1 < ratio <= {max_ratio:.2f}"

@@ -8,7 +8,10 @@ can link it into the model before either is used.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
@@ -23,6 +26,24 @@ from aecompress.groups import Mode, WeightGroup, extract_rows, select_groups
 from aecompress.loading import ModelClass, load_model
 
 log = logging.getLogger(__name__)
+
+
+_PRELOADED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("aecompress_preloaded", default=None)
+
+
+@contextlib.contextmanager
+def preloaded(name: str, model, source: str, auto_class: str) -> Iterator[None]:
+    """Let data modules created inside this block reuse an already loaded model.
+
+    The benchmark loads the model once and trains several compressors on it;
+    a data module asked for ``name`` inside the block takes this model instead
+    of loading the checkpoint again.
+    """
+    token = _PRELOADED.set((name, model, source, auto_class))
+    try:
+        yield
+    finally:
+        _PRELOADED.reset(token)
 
 
 class RowsDataset(Dataset):
@@ -78,7 +99,7 @@ class WeightRowsDataModule(L.LightningDataModule):
         calibration_tokens: at most this many calibration tokens are used.
         calibration_batch_size: windows per training batch when training on calibration text.
         train_on: ``rows`` or ``calibration`` windows; linked from ``model.loss``
-            (``kl`` trains on calibration text), so it is never set by hand.
+            (``output`` trains on calibration text), so it is never set by hand.
     """
 
     def __init__(
@@ -113,7 +134,11 @@ class WeightRowsDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
-        self.hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
+        loaded = _PRELOADED.get()
+        if loaded is not None and loaded[0] == model:
+            _, self.hf_model, self.source, self.auto_class = loaded
+        else:
+            self.hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
         self.groups: list[WeightGroup] = select_groups(self.hf_model, modules, mode, include, exclude)
         self.rows = {g.name: extract_rows(self.hf_model, g) for g in self.groups}
         self.members = {g.name: member_index(g, self.hf_model) for g in self.groups}
@@ -170,9 +195,15 @@ class WeightRowsDataModule(L.LightningDataModule):
         if self.covariances is None:
             from aecompress.calibration import collect
 
-            stats = collect(self.hf_model, self.groups, self.calibration_windows(), what=("covariance",))
-            self.covariances = {g.name: stats[g.name].stacked_covariance() for g in self.groups}
+            stats = collect(
+                self.hf_model, self.groups, self.calibration_windows(), what=("covariance",), cache_key=self.source
+            )
+            self.covariances = {g.name: torch.stack(stats[g.name].covariances) for g in self.groups}
         return self.covariances
+
+    def calibration_token_count(self) -> int:
+        """How many calibration tokens the statistics are computed over."""
+        return self.calibration_windows().numel()
 
     def calibration_windows(self) -> torch.Tensor:
         """Calibration text as token windows [n, calibration_window], tokenized once."""
@@ -195,7 +226,7 @@ class WeightRowsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> CombinedLoader | DataLoader:
         """One loader per group, cycled together so every step trains every group.
 
-        When training on the model's outputs (``model.loss: kl``), batches are
+        When training on the model's outputs (``model.loss: output``), batches are
         calibration token windows instead.
         """
         if self.train_on == "calibration":

@@ -12,15 +12,15 @@ from torch import nn
 
 from aecompress.autoencoder import AESpec, DecoderKind, EncoderKind, GroupAutoencoder, OutActivation, solve_spec
 from aecompress.errors import AECompressError
-from aecompress.factorize import cholesky_factor, truncated_svd, whitened_svd
+from aecompress.factorize import DEFAULT_DAMP, rank_factors, whitening
 from aecompress.groups import WeightGroup, substituted_params
-from aecompress.metrics import ReconstructionError, next_token_kl, row_loss, whitened_loss
+from aecompress.metrics import ReconstructionError, output_mismatch, row_loss, whitened_loss
 from aecompress.stored import StoredForm
 
 log = logging.getLogger(__name__)
 
 InitKind = Literal["random", "svd", "whitened_svd"]
-LossKind = Literal["cos_rmse", "whitened", "kl"]
+LossKind = Literal["cos_rmse", "whitened", "output"]
 
 
 class CompressorModule(L.LightningModule):
@@ -43,9 +43,11 @@ class CompressorModule(L.LightningModule):
             latents, a linear or residual decoder, and no output activation.
         loss: ``cos_rmse`` (the seed: cosine distance + RMSE per row) or ``whitened``:
             ||(W' - W) L_m|| with each layer's calibration covariance L_m L_mᵀ,
-            relative to ||W L_m||; needs ``data.calibration``. ``kl``: the model-level
-            objective — KL divergence between the original and the compressed model's
-            next-token distributions on calibration windows (rest of the model frozen).
+            relative to ||W L_m||; needs ``data.calibration``. ``output``: the
+            model-level objective — make the compressed model's outputs on calibration
+            windows match the original's (rest of the model frozen): KL divergence of
+            next-token distributions for LM heads, relative squared error of the last
+            hidden states for encoders without a head.
         residual_hidden: hidden width of the ``residual`` decoder's non-linear branch.
         damp: covariance damping, as a fraction of its mean diagonal.
         optimizer: optimizer factory, set from the config.
@@ -67,7 +69,7 @@ class CompressorModule(L.LightningModule):
         init: InitKind = "random",
         loss: LossKind = "cos_rmse",
         residual_hidden: int = 32,
-        damp: float = 1e-2,
+        damp: float = DEFAULT_DAMP,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -123,19 +125,22 @@ class CompressorModule(L.LightningModule):
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
-        if self.loss_kind == "kl":
+        if self.loss_kind == "output":
             datamodule.hf_model.requires_grad_(False)
         needs_cov = self.loss_kind == "whitened" or self.init_kind == "whitened_svd"
         covariances = datamodule.calibration_covariances() if needs_cov else {}
+        tokens = datamodule.calibration_token_count() if needs_cov else 0
         for g in self.groups:
             if self.loss_kind == "whitened":
-                factors = torch.stack([cholesky_factor(c, self.damp).float() for c in covariances[g.name]])
+                factors = torch.stack([whitening(c, self.damp, tokens, g.name)[0].float() for c in covariances[g.name]])
                 self.register_buffer(f"whiten__{_key(g.name)}", factors, persistent=False)
             if self.init_kind != "random":
-                self.initialize(g.name, datamodule.rows[g.name], covariances.get(g.name))
+                self.initialize(g.name, datamodule.rows[g.name], covariances.get(g.name), tokens)
 
     @torch.no_grad()
-    def initialize(self, name: str, rows: torch.Tensor, covariances: torch.Tensor | None = None) -> None:
+    def initialize(
+        self, name: str, rows: torch.Tensor, covariances: torch.Tensor | None = None, tokens: int = 0
+    ) -> None:
         """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
 
         With a residual decoder the non-linear branch starts at zero, so the
@@ -143,10 +148,10 @@ class CompressorModule(L.LightningModule):
         """
         ae = self.autoencoder(name)
         rank = ae.spec.latent
+        chol = None
         if self.init_kind == "whitened_svd":
-            a, b = whitened_svd(rows, cholesky_factor(covariances.double().mean(0), self.damp), rank)
-        else:
-            a, b = truncated_svd(rows, rank)
+            chol = whitening(covariances.double().mean(0), self.damp, tokens, name)[0]
+        a, b = rank_factors(rows, rank, chol)
         linear = ae.decoder.linear if ae.spec.decoder == "residual" else ae.decoder[0]
         ae.latents.copy_(a)
         linear.weight.copy_(b.T)
@@ -157,8 +162,8 @@ class CompressorModule(L.LightningModule):
         return self.aes[_key(name)]
 
     def on_fit_start(self) -> None:
-        """The frozen model follows the compressor to its device (for the ``kl`` loss)."""
-        if self.loss_kind == "kl":
+        """The frozen model follows the compressor to its device (for the ``output`` loss)."""
+        if self.loss_kind == "output":
             self.trainer.datamodule.hf_model.to(self.device)
 
     def decoded_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
@@ -166,15 +171,15 @@ class CompressorModule(L.LightningModule):
         index = torch.arange(rows.shape[0], device=rows.device)
         return self.autoencoder(name)(rows, index, rows.norm(dim=1))
 
-    def _kl_step(self, batch) -> torch.Tensor:
+    def _output_step(self, batch) -> torch.Tensor:
         datamodule = self.trainer.datamodule
         model = datamodule.hf_model
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
         decoded = {g: self.decoded_rows(g.name, datamodule.rows[g.name].to(self.device)) for g in self.groups}
         with torch.no_grad():
-            teacher = model(input_ids=ids).logits
-        student = torch.func.functional_call(model, substituted_params(model, decoded), (), {"input_ids": ids}).logits
-        loss = next_token_kl(student, teacher)
+            teacher = model(input_ids=ids)
+        student = torch.func.functional_call(model, substituted_params(model, decoded), (), {"input_ids": ids})
+        loss = output_mismatch(student, teacher)
         self._check_finite(loss, "+".join(g.name for g in self.groups))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
@@ -188,8 +193,8 @@ class CompressorModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Sum the loss of every group's batch; stop loudly on a non-finite loss."""
-        if self.loss_kind == "kl":
-            return self._kl_step(batch)
+        if self.loss_kind == "output":
+            return self._output_step(batch)
         total = 0.0
         for name, (index, rows, norms, weights, members) in batch.items():
             recon = self.autoencoder(name)(rows, index, norms)

@@ -84,3 +84,8 @@ def decode_autoencoder(stored: StoredForm) -> torch.Tensor:
         raise AECompressError(f"group {stored.group.name!r}: stored decoder does not match its spec: {err}") from err
     norms = stored.tensors.get("norms") if spec.enforce_norm else None
     return apply_decoder(decoder.float().eval(), stored.tensors["latents"].float(), norms)
+
+
+# The baselines register their decoders on import; importing them here means any
+# reader of stored forms (export, load_compact) can decode every method.
+from aecompress import baselines as _baselines  # noqa: E402,F401  (after register: baselines imports it)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aecompress.data import WeightRowsDataModule
-from aecompress.factorize import cholesky_factor, truncated_svd, whitened_svd
+from aecompress.factorize import rank_factors, whitening
 from aecompress.metrics import whitened_loss
 from aecompress.module import CompressorModule
 from aecompress.stored import decode
@@ -38,7 +38,7 @@ def test_svd_init_decodes_exactly_to_truncated_svd(tiny_dirs, decoder):
     (g,) = dm.groups
     module.initialize(g.name, dm.rows[g.name])
     rank = module.specs[g.name].latent
-    a, b = truncated_svd(dm.rows[g.name], rank)
+    a, b = rank_factors(dm.rows[g.name], rank)
     decoded = decode(module.stored_forms(dm.rows)[g.name])
     torch.testing.assert_close(decoded, a @ b, rtol=1e-5, atol=1e-6)
 
@@ -46,21 +46,24 @@ def test_svd_init_decodes_exactly_to_truncated_svd(tiny_dirs, decoder):
 def test_whitened_init_decodes_exactly_to_whitened_svd(tiny_dirs):
     dm = datamodule(tiny_dirs)
     dm.covariances = random_covariances(dm)
+    dm._windows = torch.zeros(4, 64, dtype=torch.long)  # only its token count is read
     module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened", **FREE)
     trainer(0).fit(module, dm)  # setup() initializes from the factorization; no step is taken
     (g,) = dm.groups
-    a, b = whitened_svd(dm.rows[g.name], cholesky_factor(dm.covariances[g.name].mean(0)), module.specs[g.name].latent)
+    chol = whitening(dm.covariances[g.name].mean(0), module.damp, 256, g.name)[0]
+    a, b = rank_factors(dm.rows[g.name], module.specs[g.name].latent, chol)
     torch.testing.assert_close(decode(module.stored_forms(dm.rows)[g.name]), a @ b, rtol=1e-4, atol=1e-5)
 
 
 def test_training_never_starts_worse_than_the_factorization(tiny_dirs):
     dm = datamodule(tiny_dirs, batch_size=0)
     dm.covariances = random_covariances(dm)
+    dm._windows = torch.zeros(4, 64, dtype=torch.long)
     module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened",
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-4), **FREE)
     (g,) = dm.groups
     rows, members = dm.rows[g.name], dm.members[g.name]
-    factors = torch.stack([cholesky_factor(c) for c in dm.covariances[g.name]]).float()
+    factors = torch.stack([whitening(c, module.damp, 256, g.name)[0] for c in dm.covariances[g.name]]).float()
     trainer(0).fit(module, dm)
     start = whitened_loss(decode(module.stored_forms(dm.rows)[g.name]), rows, members, factors)
     trainer(20).fit(module, dm)
@@ -69,10 +72,10 @@ def test_training_never_starts_worse_than_the_factorization(tiny_dirs):
     assert end < start * 0.999, "per-layer whitened training should improve on the mean-covariance init"
 
 
-def test_kl_objective_trains_latents_and_decoder_through_the_frozen_model(tiny_dirs):
+def test_output_objective_trains_latents_and_decoder_through_the_frozen_model(tiny_dirs):
     dm = datamodule(tiny_dirs, modules=("k_proj", "up_proj"), train_on="calibration")
     dm._windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
-    module = CompressorModule(groups=dm.group_specs, init="svd", loss="kl",
+    module = CompressorModule(groups=dm.group_specs, init="svd", loss="output",
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
     before = {k: v.clone() for k, v in dm.hf_model.state_dict().items()}
     trainer(0).fit(module, dm)
@@ -90,3 +93,12 @@ def test_factorization_init_needs_free_linear_recipe(tiny_dirs):
     dm = datamodule(tiny_dirs)
     with pytest.raises(AECompressError, match="needs encoder: free"):
         CompressorModule(groups=dm.group_specs, init="svd")
+
+
+def test_output_objective_on_an_encoder_matches_hidden_states(tiny_dirs):
+    dm = datamodule(tiny_dirs, family="bert", modules=("key",), train_on="calibration")
+    dm._windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    module = CompressorModule(groups=dm.group_specs, init="svd", loss="output",
+                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
+    trainer(2).fit(module, dm)
+    assert torch.isfinite(module.autoencoder("key").latents).all()

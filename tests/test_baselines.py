@@ -1,0 +1,285 @@
+"""Factorization, pruning and quantization baselines: budgets, optimality checks, exports."""
+
+import re
+import warnings
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aecompress import load_compact
+from aecompress.baselines import (
+    COMPRESSORS,
+    compress,
+    index_dtype,
+    options,
+    pack_bits,
+    position_costs,
+    unpack_bits,
+)
+from aecompress.budget import budget_bytes
+from aecompress.calibration import GroupStats, collect
+from aecompress.errors import AECompressError
+from aecompress.export import export
+from aecompress.groups import Member, WeightGroup, extract_rows, select_groups
+from aecompress.stored import decode
+from tests.conftest import TINY, build_tiny
+
+METHODS = list(COMPRESSORS)
+MODULES = {"bert": ["key", "intermediate", "word_embeddings"], "gpt2": ["key", "mlp_fc"], "llama": ["k_proj", "down_proj"]}
+AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
+FEASIBLE = re.compile(r"feasible ratios are 1 < ratio <= ([\d.]+)")
+
+
+def _ids(windows: int = 8, length: int = 32) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab"], (windows, length), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_stats():
+    """Per family: the model, its groups in both modes, and their calibration statistics."""
+    out = {}
+    for family, modules in MODULES.items():
+        model = build_tiny(family)
+        groups = select_groups(model, modules, "concatenated") + select_groups(model, modules[:1], "separated")
+        out[family] = (model, groups, collect(model, groups, _ids()))
+    return out
+
+
+def _whitened_error(w: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
+    e = (w - approx).double()
+    return float(torch.trace(e @ cov @ e.T))
+
+
+def _stats_for(method: str, group: WeightGroup, stats: GroupStats) -> GroupStats | None:
+    return stats if method in ("fwsvd", "whitened_svd") else None
+
+
+@pytest.mark.parametrize("family", list(MODULES))
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 10.0])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_respects_the_budget(tiny_stats, family, ratio, method):
+    model, groups, stats = tiny_stats[family]
+    for group in groups:
+        if method == "whitened_svd" and stats[group.name].mean_covariance() is None:
+            with pytest.raises(AECompressError, match="needs the input of a linear layer"):
+                compress(method, group, extract_rows(model, group), ratio, stats[group.name])
+            continue
+        budget = budget_bytes(group.rows, group.width, ratio)
+        try:
+            form = compress(method, group, extract_rows(model, group), ratio, stats[group.name])
+        except AECompressError as err:
+            assert float(FEASIBLE.search(str(err)).group(1)) < ratio
+            continue
+        assert form.bytes <= budget and form.ratio >= ratio
+        assert form.meta["target_ratio"] == ratio and form.meta["budget_bytes"] == budget
+        assert decode(form).shape == (group.rows, group.width)
+
+
+@pytest.mark.parametrize("method", ["svd", "prune", "quantize"])
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 70), width=st.integers(1, 70), ratio=st.floats(1.01, 60.0), seed=st.integers(0, 9))
+def test_budget_is_never_exceeded_and_nearly_used(method, rows, width, ratio, seed):
+    group = WeightGroup("g", "g", (Member("w", None, False),), rows, width)
+    w = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+    budget = budget_bytes(rows, width, ratio)
+    try:
+        form = compress(method, group, w, ratio)
+    except AECompressError as err:
+        assert float(FEASIBLE.search(str(err)).group(1)) < ratio
+        return
+    assert form.bytes <= budget
+    # As close as the method's granularity allows: one more unit would not fit.
+    if method == "svd":
+        assert form.meta["ranks"][0] == min(rows, width) or form.bytes + (rows + width) * 4 > budget
+    elif method == "quantize":
+        assert form.meta["bits"] == 8 or compress_bytes_at_bits(group, w, form.meta["bits"] + 1) > budget
+    else:
+        kept = form.meta["kept"]
+        assert kept == rows * width or (kept + 1) * 4 + min(position_costs(rows, width, kept + 1).values()) > budget
+    assert torch.isfinite(decode(form)).all()
+
+
+def compress_bytes_at_bits(group: WeightGroup, w: torch.Tensor, bits: int) -> int:
+    return compress("quantize", group, w, 1.0001, bits=bits).bytes
+
+
+@pytest.mark.parametrize("sharing", ["group", "layer"])
+def test_whitened_svd_beats_svd_on_the_whitened_objective(tiny_stats, sharing):
+    model, groups, stats = tiny_stats["llama"]
+    group = next(g for g in groups if g.name == "down_proj")
+    s, w = stats[group.name], extract_rows(model, group)
+    svd = decode(compress("svd", group, w, 4.0, sharing=sharing))
+    white = decode(compress("whitened_svd", group, w, 4.0, s, sharing=sharing))
+    if sharing == "group":
+        cov = s.mean_covariance()
+        assert _whitened_error(w, white, cov) < 0.9 * _whitened_error(w, svd, cov)
+    else:
+        parts = [(w, svd, white)[k].split(s.member_rows) for k in range(3)]
+        err_svd = sum(_whitened_error(a, b, c) for a, b, c in zip(parts[0], parts[1], s.covariances))
+        err_white = sum(_whitened_error(a, b, c) for a, b, c in zip(parts[0], parts[2], s.covariances))
+        assert err_white < 0.9 * err_svd
+
+
+@pytest.mark.parametrize("sharing", ["group", "layer"])
+def test_whitened_svd_equals_svd_when_covariance_is_identity(tiny_stats, sharing):
+    model, groups, _ = tiny_stats["gpt2"]
+    group = next(g for g in groups if g.name == "mlp_fc")
+    w = extract_rows(model, group)
+    eye = GroupStats(tokens=10_000, covariances=[torch.eye(group.width, dtype=torch.float64)] * len(group.members))
+    white = compress("whitened_svd", group, w, 4.0, eye, sharing=sharing)
+    svd = compress("svd", group, w, 4.0, sharing=sharing)
+    assert white.meta["ranks"] == svd.meta["ranks"]
+    torch.testing.assert_close(decode(white), decode(svd), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_allocation_spends_the_budget_better(tiny_stats):
+    model, groups, stats = tiny_stats["llama"]
+    group = next(g for g in groups if g.name == "down_proj")
+    s, w = stats[group.name], extract_rows(model, group)
+    forms = {a: compress("whitened_svd", group, w, 4.0, s, sharing="layer", allocation=a) for a in ("uniform", "greedy")}
+    assert forms["uniform"].bytes <= forms["greedy"].bytes <= budget_bytes(group.rows, group.width, 4.0)
+
+    def error(form):
+        parts = zip(w.split(s.member_rows), decode(form).split(s.member_rows), s.covariances)
+        return sum(_whitened_error(a, b, c) for a, b, c in parts)
+
+    assert error(forms["greedy"]) <= error(forms["uniform"]) * (1 + 1e-9)
+
+
+def test_fwsvd_with_uniform_weights_equals_svd(tiny_stats):
+    model, groups, _ = tiny_stats["bert"]
+    for group in groups:
+        w = extract_rows(model, group)
+        size = group.rows // len(group.members)
+        uniform = GroupStats(tokens=1, fisher=[torch.full((size,), 3.7, dtype=torch.float64)] * len(group.members))
+        # Uniform within each matrix is enough under the default per-member normalization.
+        per_member = GroupStats(tokens=1, fisher=[torch.full((size,), 0.5 + i, dtype=torch.float64)
+                                                  for i in range(len(group.members))])
+        for sharing in ("group", "layer"):
+            svd = decode(compress("svd", group, w, 4.0, sharing=sharing))
+            for stats, normalize in ((uniform, "group"), (uniform, "member"), (per_member, "member")):
+                fw = compress("fwsvd", group, w, 4.0, stats, sharing=sharing, normalize=normalize)
+                assert torch.equal(decode(fw), svd)
+        if len(group.members) > 1:
+            fw = compress("fwsvd", group, w, 4.0, per_member, normalize="group")
+            assert not torch.equal(decode(fw), decode(compress("svd", group, w, 4.0)))
+
+
+def test_fwsvd_beats_svd_on_the_fisher_weighted_error(tiny_stats):
+    model, groups, stats = tiny_stats["gpt2"]
+    group = next(g for g in groups if g.name == "mlp_fc")
+    w, c = extract_rows(model, group), stats[group.name].row_weights().float().unsqueeze(1)
+    fw = decode(compress("fwsvd", group, w, 4.0, stats[group.name]))
+    svd = decode(compress("svd", group, w, 4.0))
+    assert ((w - fw) * c).norm() < ((w - svd) * c).norm()
+
+
+def test_short_calibration_is_regularized_with_a_warning():
+    model = build_tiny("llama")
+    (group,) = select_groups(model, ["k_proj"])
+    stats = collect(model, [group], _ids(windows=1, length=8), what=("covariance",))[group.name]
+    with pytest.warns(UserWarning, match="8 calibration tokens cannot give a full-rank 32 x 32"):
+        form = compress("whitened_svd", group, extract_rows(model, group), 4.0, stats, damp=0.0)
+    assert form.meta["damp"] >= 1e-2 and torch.isfinite(decode(form)).all()
+
+
+def test_singular_covariance_damps_until_cholesky_works():
+    group = WeightGroup("g", "g", (Member("w", None, False),), 8, 6)
+    cov = torch.zeros(6, 6, dtype=torch.float64)
+    cov[0, 0] = 1.0  # rank one
+    stats = GroupStats(tokens=1000, covariances=[cov])
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        form = compress("whitened_svd", group, torch.randn(8, 6), 2.0, stats, damp=0.0)
+    assert form.meta["damp"] > 0 and torch.isfinite(decode(form)).all()
+
+
+@pytest.mark.parametrize("rows,width,ratio,encoding", [
+    (16, 16, 2.0, "bitmask"), (16, 16, 20.0, "index"), (200, 200, 30.0, "row_index"), (300, 300, 60.0, "row_index"),
+])
+def test_prune_keeps_the_largest_weights_under_each_position_encoding(rows, width, ratio, encoding):
+    group = WeightGroup("g", "g", (Member("w", None, False),), rows, width)
+    w = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    form = compress("prune", group, w, ratio)
+    assert form.meta["positions"] == encoding
+    out = decode(form)
+    kept = out != 0
+    assert int(kept.sum()) == form.meta["kept"]
+    assert torch.equal(out[kept], w[kept])
+    assert w[kept].abs().min() >= w[~kept].abs().max()
+    if encoding != "bitmask":
+        key = "index" if encoding == "index" else "columns"
+        assert form.tensors[key].dtype == index_dtype(rows * width - 1 if encoding == "index" else width - 1)
+
+
+def test_quantize_error_is_within_half_a_step():
+    group = WeightGroup("g", "g", (Member("w", None, False),), 40, 50)
+    w = torch.randn(40, 50, generator=torch.Generator().manual_seed(0))
+    for bits in (1, 3, 8):
+        form = compress("quantize", group, w, 1.01, bits=bits)
+        assert form.tensors["codes"].dtype == torch.uint8 and form.tensors["codes"].numel() == (40 * 50 * bits + 7) // 8
+        step = form.tensors["scale"].float().unsqueeze(1)
+        assert ((decode(form) - w).abs() <= step / 2 + 1e-5).all()
+    with pytest.raises(AECompressError, match="quantize \\(8 bits"):
+        compress("quantize", group, w, 10.0, bits=8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 1), max_size=100))
+def test_bit_packing_round_trips(bits):
+    tensor = torch.tensor(bits, dtype=torch.uint8)
+    packed = pack_bits(tensor)
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(bits) + 7) // 8
+    assert torch.equal(unpack_bits(packed, len(bits)), tensor)
+
+
+@pytest.mark.parametrize("dtype,item", [("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_low_precision_factors_are_counted_at_their_size(tiny_stats, dtype, item):
+    model, groups, _ = tiny_stats["gpt2"]
+    group = next(g for g in groups if g.name == "mlp_fc")
+    form = compress("svd", group, extract_rows(model, group), 4.0, dtype=dtype)
+    rank = form.meta["ranks"][0]
+    assert form.tensors["A"].element_size() == item and form.bytes == rank * (group.rows + group.width) * item
+    assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) < form.bytes + (group.rows + group.width) * item
+
+
+@pytest.mark.parametrize("family", list(MODULES))
+@pytest.mark.parametrize("method", METHODS)
+def test_decoded_and_compact_exports_round_trip_bit_exactly(tiny_stats, tiny_dirs, tmp_path, family, method):
+    model, groups, stats = tiny_stats[family]
+    # Concatenated groups only: a separated group would overwrite part of one of them.
+    chosen = [g for g in groups if g.name in MODULES[family] and ("embed" not in g.name or method != "whitened_svd")]
+    opts = {"sharing": "layer"} if method == "whitened_svd" else {}
+    forms = {g.name: compress(method, g, extract_rows(model, g), 4.0, _stats_for(method, g, stats[g.name]), **opts)
+             for g in chosen}
+    source = str(tiny_dirs[family])
+    export(model, forms, source, AUTO[family], "tiny", str(tmp_path / "decoded"), "decoded")
+    export(model, forms, source, AUTO[family], "tiny", str(tmp_path / "compact"), "compact")
+    decoded = getattr(transformers, AUTO[family]).from_pretrained(tmp_path / "decoded").eval()
+    compact = load_compact(tmp_path / "compact")
+    for g in chosen:
+        assert torch.equal(extract_rows(decoded, g), decode(forms[g.name]))
+    a, b = decoded.state_dict(), compact.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_method_and_option_list_the_valid_ones(tiny_stats):
+    model, groups, stats = tiny_stats["llama"]
+    group, rows = groups[0], extract_rows(model, groups[0])
+    with pytest.raises(AECompressError, match="unknown compression method 'tucker'; valid: svd, fwsvd, whitened_svd, prune"):
+        compress("tucker", group, rows, 4.0)
+    with pytest.raises(AECompressError, match="unknown option 'rank' for method 'svd'; valid: sharing, allocation, dtype"):
+        compress("svd", group, rows, 4.0, rank=3)
+    with pytest.raises(AECompressError, match="unknown sharing 'all' .* valid: group, layer"):
+        compress("whitened_svd", group, rows, 4.0, stats[group.name], sharing="all")
+    with pytest.raises(AECompressError, match="unknown dtype 'int8' .* valid: float32, float16, bfloat16"):
+        compress("prune", group, rows, 4.0, dtype="int8")
+    for method, need in (("fwsvd", "fisher"), ("whitened_svd", "covariance")):
+        with pytest.raises(AECompressError, match=f"method '{method}' needs .*what=\\('{need}',\\)"):
+            compress(method, group, rows, 4.0)
+    with pytest.raises(AECompressError, match="greater than 1"):
+        compress("svd", group, rows, 1.0)
+    assert options("quantize") == {"bits": None, "dtype": "float32"}
