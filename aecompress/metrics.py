@@ -89,3 +89,16 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     teacher = teacher_logits.float().log_softmax(-1)
     student = student_logits.float().log_softmax(-1)
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def output_mismatch(student, teacher) -> torch.Tensor:
+    """How far the compressed model's outputs are from the original's.
+
+    Models with an LM head are compared by next-token KL; encoders by the
+    relative squared error of their last hidden states (what pooled sentence
+    embeddings are made of).
+    """
+    if getattr(teacher, "logits", None) is not None:
+        return next_token_kl(student.logits, teacher.logits)
+    target = teacher.last_hidden_state.float()
+    return (student.last_hidden_state.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
