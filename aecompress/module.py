@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Literal
 
@@ -236,7 +237,9 @@ class CompressorModule(L.LightningModule):
         """The stored form of every group, given the groups' original rows."""
         forms = {}
         for g in self.groups:
-            ae = self.autoencoder(g.name).cpu().float()
+            # A CPU float32 copy: decoding must be exactly reproducible, and the
+            # module in training must stay on its own device and precision.
+            ae = copy.deepcopy(self.autoencoder(g.name)).cpu().float()
             tensors = ae.stored_tensors(rows[g.name])
             meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.target_ratio}
             forms[g.name] = StoredForm("ae", g, tensors, meta)

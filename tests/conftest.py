@@ -81,3 +81,29 @@ def write_config(path: Path, model_dir: Path, modules: list[str], workdir: Path,
         config[section][name] = value
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[SEP]": 1}
+    for ch in string.ascii_letters + string.digits + " .,;:!?'\"()-\n":
+        vocab.setdefault(ch, len(vocab))
+    assert len(vocab) <= TINY["vocab"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[SEP]")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama with a character tokenizer, and a local text file to evaluate and calibrate on."""
+    root = tmp_path_factory.mktemp("tiny_lm")
+    build_tiny("llama").save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    lines = [f"Sentence number {i} says something short, and then it ends." for i in range(400)]
+    (root / "text.txt").write_text("\n\n".join(lines))
+    return {"model": root / "model", "text": root / "text.txt"}

@@ -6,7 +6,9 @@ import pytest
 
 from aecompress.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [c for c in ALL if not c.name.startswith("benchmark_")]
+BENCHMARKS = [c for c in ALL if c.name.startswith("benchmark_")]
 
 
 def test_configs_exist():
@@ -29,3 +31,16 @@ def test_a_typo_in_a_config_fails_validation(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(bad), "--print_config"])
     assert exc.value.code != 0
+
+
+@pytest.mark.parametrize("config", BENCHMARKS, ids=[c.name for c in BENCHMARKS])
+def test_benchmark_config_validates(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", "--config", str(config), "--print_config"])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "methods:" in printed and "ratios:" in printed
+    for line in printed.splitlines():
+        if "recipe:" in line and "null" not in line:
+            recipe = Path(__file__).parents[1] / line.split("recipe:")[1].strip()
+            assert recipe.is_file(), recipe

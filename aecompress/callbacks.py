@@ -1,0 +1,128 @@
+"""Model-level validation during ``fit``: the decoded weights, substituted into the model, measured.
+
+Reconstruction error says how close the rows are; :class:`ModelQualityCallback` says how the
+model behaves with them. Its ``val/<metric>`` values can be monitored by ``ModelCheckpoint``
+and ``EarlyStopping`` like any other logged value.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from aecompress import evaluate, text
+from aecompress.errors import AECompressError
+from aecompress.groups import assign_rows
+from aecompress.stored import decode
+
+log = logging.getLogger(__name__)
+
+
+class ModelQualityCallback(Callback):
+    """Evaluate the model with the current decoded weights every ``every_n_epochs`` epochs.
+
+    The data module's model is changed in place for the measurement and restored from the
+    original rows afterwards, so export and later epochs see the original weights. Only
+    rank 0 measures; the values are broadcast so every rank logs the same numbers.
+
+    Args:
+        data: a validation or calibration data spec (see :mod:`aecompress.text`). A test
+            split is refused: nothing may be selected on it.
+        metrics: metric names (see ``aecompress.evaluate.METRICS``); ``None`` picks those
+            that fit the model, with embedding fidelity against the original for encoders.
+        every_n_epochs: measure after every this many epochs (match ``ModelCheckpoint``'s
+            ``every_n_epochs`` if it monitors one of these values).
+        max_tokens: use only the first this many tokens of ``data``, to keep epochs cheap.
+        window: tokens per sequence (default 512 for perplexity, 128 for masked LM).
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(
+        self,
+        data: str = "wiki:validation",
+        metrics: list[str] | None = None,
+        every_n_epochs: int = 1,
+        max_tokens: int | None = None,
+        window: int | None = None,
+        batch_size: int = 4,
+    ):
+        spec = text.parse_spec(data)
+        if spec.is_test:
+            raise AECompressError(
+                f"ModelQualityCallback data {data!r} is a test split; select on a validation split "
+                "(e.g. wiki:validation) and keep test for reporting"
+            )
+        if every_n_epochs < 1:
+            raise AECompressError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        if metrics is not None:
+            unknown = [m for m in metrics if m not in evaluate.METRICS]
+            if unknown:
+                raise AECompressError(f"unknown metric {unknown[0]!r}; valid: {', '.join(evaluate.METRICS)}")
+        self.data = data
+        self.metrics = metrics
+        self.every_n_epochs = every_n_epochs
+        self.max_tokens = max_tokens
+        self.window = window
+        self.batch_size = batch_size
+        self._tokenizer = None
+        self._ids: torch.Tensor | None = None
+        self._reference: torch.Tensor | None = None
+        self._chosen: list[str] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the data module carries a model, and load its tokenizer once."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not all(hasattr(datamodule, a) for a in ("hf_model", "rows", "source")):
+            raise AECompressError("ModelQualityCallback needs aecompress's WeightRowsDataModule (with hf_model and rows)")
+        if self._tokenizer is None:
+            self._tokenizer = evaluate.load_tokenizer(datamodule.source)
+
+    def _prepare(self, model: torch.nn.Module) -> None:
+        """Choose metrics, tokenize the data and embed the original once (before any substitution)."""
+        encoder = evaluate.model_kind(model) == "encoder"
+        self._chosen = evaluate.check_metrics(
+            self.metrics if self.metrics is not None else evaluate.default_metrics(model, self.data, has_reference=encoder),
+            model, has_reference=True,
+        )
+        if any(m in ("perplexity", "mlm_perplexity") for m in self._chosen):
+            ids = text.token_ids(self.data, self._tokenizer)
+            self._ids = ids[: self.max_tokens] if self.max_tokens else ids
+        if "embedding_fidelity" in self._chosen:
+            self._reference = evaluate.fidelity_reference(model, self._tokenizer, self.data, self.max_tokens)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Substitute, measure, restore, log ``val/<metric>``."""
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        results = self.measure(trainer, pl_module) if trainer.is_global_zero else None
+        results = trainer.strategy.broadcast(results, src=0)
+        for name, value in results.items():
+            pl_module.log(f"val/{name}", float(value), prog_bar=True, add_dataloader_idx=False, sync_dist=False)
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The metrics of the data module's model with the current decoded weights."""
+        datamodule = trainer.datamodule
+        model = datamodule.hf_model
+        model_device = next(model.parameters()).device
+        if self._chosen is None:
+            self._prepare(model)
+        device, training = pl_module.device, pl_module.training
+        forms = pl_module.stored_forms(datamodule.rows)
+        pl_module.to(device)  # stored_forms reads the autoencoders on the CPU; training goes on where it was
+        pl_module.train(training)
+        try:
+            for form in forms.values():
+                assign_rows(model, form.group, decode(form))
+            model.to(device)
+            return evaluate.evaluate_model(
+                model, self._tokenizer, self.data, self._chosen, reference=self._reference,
+                max_tokens=self.max_tokens, window=self.window, batch_size=self.batch_size, ids=self._ids,
+            )
+        finally:
+            model.to(model_device)
+            for form in forms.values():
+                assign_rows(model, form.group, datamodule.rows[form.group.name])

@@ -1,0 +1,70 @@
+"""Training an autoencoder recipe (a fit config) inside another command.
+
+The benchmark runs recipes such as ``configs/best.yaml`` on groups and ratios
+of its own. The recipe is rewritten with those choices and the run's own
+directories, saved beside the run for reproducibility, and then handled by
+the very same LightningCLI as ``aecompress fit``, reusing the loaded model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from aecompress.errors import AECompressError
+from aecompress.stored import StoredForm
+
+
+def _rewrite(recipe: dict, name: str, modules: list[str], mode: str, ratio: float, calibration: str,
+             calibration_tokens: int, run_dir: Path) -> dict:
+    data = dict(recipe.get("data") or {})
+    data.update(model=name, modules=list(modules), mode=mode, ratio=float(ratio))
+    if data.get("calibration"):
+        data.update(calibration=calibration, calibration_tokens=calibration_tokens)
+    trainer = dict(recipe.get("trainer") or {})
+    trainer["default_root_dir"] = str(run_dir)
+    logger = trainer.get("logger")
+    if isinstance(logger, dict) and "init_args" in logger:
+        trainer["logger"] = {**logger, "init_args": {**logger["init_args"], "save_dir": str(run_dir / "logs")}}
+    callbacks = []
+    for cb in trainer.get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            cb = {**cb, "init_args": {**cb.get("init_args", {}), "dirpath": str(run_dir / "ckpt")}}
+        callbacks.append(cb)
+    trainer["callbacks"] = callbacks
+    return {**recipe, "data": data, "trainer": trainer}
+
+
+def train_recipe(recipe_path: str, bench, modules: list[str], mode: str, ratio: float, run_dir: Path) -> list[StoredForm]:
+    """Fit a recipe on the benchmark's model; return the stored forms of its best checkpoint.
+
+    Args:
+        recipe_path: a fit config (YAML).
+        bench: the running :class:`aecompress.benchmark.Benchmark` (model, calibration choice).
+        modules: module types to compress.
+        mode: ``concatenated`` or ``separated``.
+        ratio: target ratio.
+        run_dir: where this run's config, logs and checkpoints go.
+    """
+    from aecompress.cli import AECompressCLI, AETrainer
+    from aecompress.data import WeightRowsDataModule, preloaded
+    from aecompress.module import CompressorModule, load_weights
+
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise AECompressError(f"recipe {recipe_path!r} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    config = _rewrite(recipe, bench.name, modules, mode, ratio, bench.calibration, bench.calibration_tokens, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with preloaded(bench.name, bench.model, bench.source, bench.auto_class):
+        cli = AECompressCLI(
+            CompressorModule, WeightRowsDataModule, trainer_class=AETrainer, auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True}, run=False, args=["--config", str(run_dir / "recipe.yaml")],
+        )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    if best:
+        load_weights(cli.model, best)
+    return list(cli.model.stored_forms(cli.datamodule.rows).values())

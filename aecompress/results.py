@@ -1,0 +1,173 @@
+"""The benchmark's results: an append-only CSV, a Markdown table and a plot.
+
+Every finished measurement is appended and flushed at once, so a killed
+benchmark loses nothing it finished, and a rerun skips what is already there.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+COLUMNS = (
+    "model", "group", "method", "target_ratio", "achieved_ratio", "stored_numbers", "stored_bytes",
+    "split", "metric", "value", "seconds", "note",
+)
+LOWER_IS_BETTER = {"perplexity", "mlm_perplexity"}
+
+
+@dataclass
+class Row:
+    """One measured figure (or one failure, with ``metric == "failed"`` and the reason in ``note``)."""
+
+    model: str
+    group: str
+    method: str
+    target_ratio: float | str
+    achieved_ratio: float | str
+    stored_numbers: int | str
+    stored_bytes: int | str
+    split: str
+    metric: str
+    value: float | str
+    seconds: float | str
+    note: str = ""
+
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies one benchmark job: model, group, method, target ratio."""
+        return self.model, self.group, self.method, _ratio_text(self.target_ratio)
+
+
+def _ratio_text(ratio: float | str) -> str:
+    try:
+        return f"{float(ratio):g}"
+    except ValueError:
+        return str(ratio)
+
+
+class ResultsCSV:
+    """``results.csv``: read once, then appended row by row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows: list[Row] = list(self._read()) if self.path.is_file() else []
+
+    def _read(self) -> Iterable[Row]:
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise ValueError(f"{self.path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
+            for record in reader:
+                if None in record.values() or None in record:  # a line cut short by a kill
+                    continue
+                yield Row(**{f.name: record[f.name] for f in fields(Row)})
+
+    def done(self, model: str, group: str, method: str, ratio: float | str) -> bool:
+        """Whether this job already has rows (a result or a recorded failure)."""
+        key = (model, group, method, _ratio_text(ratio))
+        return any(r.key() == key for r in self.rows)
+
+    def add(self, rows: list[Row]) -> None:
+        """Append rows and force them to disk before returning."""
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow(_formatted(row))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.extend(rows)
+
+
+def _formatted(row: Row) -> dict:
+    out = asdict(row)
+    out["target_ratio"] = _ratio_text(out["target_ratio"])
+    for key in ("achieved_ratio", "value", "seconds"):
+        if isinstance(out[key], float):
+            out[key] = f"{out[key]:.6g}"
+    return out
+
+
+def _value(text: float | str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def markdown(rows: list[Row], split: str) -> str:
+    """One table per metric: the original first, then group x method against target ratio."""
+    ratios = sorted({_value(r.target_ratio) for r in rows if r.method != "original"} - {math.nan})
+    metrics = sorted({r.metric for r in rows if r.split == split and r.metric != "failed"})
+    lines = [f"# Results on `{split}`", ""]
+    for metric in metrics:
+        arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        lines += [f"## {metric} ({arrow})", ""]
+        lines.append("| group | method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |")
+        lines.append("|---|---|" + "---|" * len(ratios))
+        original = [r for r in rows if r.method == "original" and r.metric == metric and r.split == split]
+        if original:
+            lines.append(f"| (all) | original | {_value(original[-1].value):.4g} |" + " |" * (len(ratios) - 1))
+        cells: dict[tuple[str, str], dict[float, str]] = {}
+        for r in rows:
+            if r.method == "original" or r.split != split or r.metric not in (metric, "failed"):
+                continue
+            cell = "failed" if r.metric == "failed" else f"{_value(r.value):.4g}"
+            slot = cells.setdefault((r.group, r.method), {})
+            if r.metric == metric or _value(r.target_ratio) not in slot:
+                slot[_value(r.target_ratio)] = cell
+        for (group, method), by_ratio in cells.items():
+            lines.append(f"| {group} | {method} | " + " | ".join(by_ratio.get(x, "") for x in ratios) + " |")
+        lines.append("")
+    failures = [r for r in rows if r.metric == "failed"]
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r.group} / {r.method} / ratio {_value(r.target_ratio):g}: {r.note}" for r in failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], split: str, path: Path) -> Path | None:
+    """Quality against target ratio, one panel per group and metric, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    measured = [r for r in rows if r.split == split and r.metric != "failed"]
+    panels = sorted({(r.group, r.metric) for r in measured if r.method != "original"})
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (group, metric) in zip(axes[0], panels):
+        for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
+            points = sorted(
+                (_value(r.target_ratio), _value(r.value))
+                for r in measured
+                if r.group == group and r.method == method and r.metric == metric
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        for r in measured:
+            if r.method == "original" and r.metric == metric:
+                ax.axhline(_value(r.value), color="black", linestyle="--", linewidth=1, label="original")
+                break
+        if metric in LOWER_IS_BETTER:
+            ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (float32 bytes / stored bytes)")
+        ax.set_ylabel(metric)
+        ax.set_title(group)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
