@@ -15,11 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aecompress.budget import infeasible, largest_fitting
+from aecompress.budget import infeasible_bytes, largest_fitting
 
 EncoderKind = Literal["mlp", "linear", "free"]
 DecoderKind = Literal["mlp", "linear", "residual"]
 OutActivation = Literal["tanh", "none"]
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Norm division guard: a zero-norm row decodes to zero instead of NaN.
 NORM_EPS = 1e-12
@@ -36,6 +38,7 @@ class AESpec:
     out_activation: OutActivation = "tanh"
     enforce_norm: bool = True
     decoder: DecoderKind = "mlp"
+    dtype: StorageDtype = "float32"
 
     def decoder_sizes(self) -> list[int]:
         """Layer widths from latent to row (for ``residual``: of the non-linear branch)."""
@@ -54,6 +57,10 @@ class AESpec:
         """Latents + decoder + norms, as the accountant will count them."""
         return rows * self.latent + self.decoder_numbers() + (rows if self.enforce_norm else 0)
 
+    def stored_bytes(self, rows: int) -> int:
+        """Bytes of the stored form: every stored tensor is kept in ``dtype``."""
+        return self.stored_numbers(rows) * STORAGE_DTYPES[self.dtype].itemsize
+
     def to_dict(self) -> dict:
         """JSON-ready form for checkpoints and sidecars."""
         return asdict(self)
@@ -70,6 +77,7 @@ class AESpec:
             out_activation=data.get("out_activation", "tanh"),
             enforce_norm=bool(data.get("enforce_norm", True)),
             decoder=data.get("decoder", "mlp"),
+            dtype=data.get("dtype", "float32"),
         )
 
 
@@ -84,6 +92,7 @@ def spec_for_scale(
     out_activation: OutActivation,
     enforce_norm: bool,
     residual_hidden: int = 32,
+    dtype: StorageDtype = "float32",
 ) -> AESpec:
     """The architecture at one integer scale ``x`` (widths are multiples of it).
 
@@ -104,22 +113,25 @@ def spec_for_scale(
         enc = tuple(max(1, round(w * scale)) for w in encoder_widths)
     else:
         enc = ()
-    return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder)
+    return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder, dtype)
 
 
 def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **options) -> AESpec:
-    """The largest architecture whose stored numbers fit the budget.
+    """The largest architecture whose stored bytes fit the byte budget.
+
+    Storing in half precision doubles the numbers a budget buys, so the
+    solved latent size (and so the rank) grows accordingly.
 
     Raises:
         AECompressError: if even scale 1 does not fit; the message gives the feasible range.
     """
 
     def cost(scale: int) -> int:
-        return spec_for_scale(scale, width, **options).stored_numbers(rows)
+        return spec_for_scale(scale, width, **options).stored_bytes(rows)
 
     scale = largest_fitting(cost, budget, upper=width)
     if scale is None:
-        raise infeasible(group, rows, width, ratio, cost(1), f"{options['decoder']} decoder")
+        raise infeasible_bytes(group, rows, width, ratio, cost(1), f"{options['decoder']} decoder")
     return spec_for_scale(scale, width, **options)
 
 
@@ -206,9 +218,10 @@ class GroupAutoencoder(nn.Module):
         self.eval()
         latents = self.encode(rows.float(), index).float()
         self.train(was_training)
-        tensors = {"latents": latents.detach().clone().contiguous()}
+        dtype = STORAGE_DTYPES[self.spec.dtype]
+        tensors = {"latents": latents.detach().to(dtype).contiguous()}
         for name, value in self.decoder.state_dict().items():
-            tensors[f"decoder.{name}"] = value.detach().float().clone().contiguous()
+            tensors[f"decoder.{name}"] = value.detach().to(dtype).clone().contiguous()
         if self.spec.enforce_norm:
-            tensors["norms"] = rows.float().norm(dim=1).contiguous()
+            tensors["norms"] = rows.float().norm(dim=1).to(dtype).contiguous()
         return tensors

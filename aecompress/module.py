@@ -11,7 +11,16 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from aecompress.autoencoder import AESpec, DecoderKind, EncoderKind, GroupAutoencoder, OutActivation, solve_spec
+from aecompress.autoencoder import (
+    AESpec,
+    DecoderKind,
+    EncoderKind,
+    GroupAutoencoder,
+    OutActivation,
+    StorageDtype,
+    solve_spec,
+)
+from aecompress.budget import budget_bytes, original_bytes
 from aecompress.errors import AECompressError
 from aecompress.factorize import DEFAULT_DAMP, rank_factors, whitening
 from aecompress.groups import WeightGroup, substituted_params
@@ -51,6 +60,9 @@ class CompressorModule(L.LightningModule):
             hidden states for encoders without a head.
         residual_hidden: hidden width of the ``residual`` decoder's non-linear branch.
         damp: covariance damping, as a fraction of its mean diagonal.
+        storage_dtype: the dtype latents, decoder and norms are stored in. Half precision
+            buys twice the numbers for the same bytes (so a larger latent size); training runs
+            in float32 and the stored values are rounded once, at export.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -71,6 +83,7 @@ class CompressorModule(L.LightningModule):
         loss: LossKind = "cos_rmse",
         residual_hidden: int = 32,
         damp: float = DEFAULT_DAMP,
+        storage_dtype: StorageDtype = "float32",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -88,8 +101,8 @@ class CompressorModule(L.LightningModule):
             )
         self.init_kind, self.loss_kind, self.damp = init, loss, damp
         self.groups = [WeightGroup.from_dict(g) for g in groups]
-        self.budgets = {g["name"]: int(g["budget"]) for g in groups}
         self.target_ratio = float(groups[0].get("ratio", 0.0))
+        self.budgets = {g["name"]: budget_bytes(int(g["rows"]), int(g["width"]), self.target_ratio) for g in groups}
         options = dict(
             encoder=encoder,
             decoder=decoder,
@@ -99,6 +112,7 @@ class CompressorModule(L.LightningModule):
             out_activation=out_activation,
             enforce_norm=enforce_norm,
             residual_hidden=residual_hidden,
+            dtype=storage_dtype,
         )
         self.specs: dict[str, AESpec] = {
             g.name: solve_spec(g.name, g.rows, g.width, self.budgets[g.name], self.target_ratio, **options)
@@ -114,11 +128,11 @@ class CompressorModule(L.LightningModule):
     def _log_sizes(self) -> None:
         for g in self.groups:
             spec = self.specs[g.name]
-            stored = spec.stored_numbers(g.rows)
+            stored = spec.stored_bytes(g.rows)
             log.info(
-                "group %s: latent %d, decoder %s, stored %d numbers (budget %d), ratio %.3f (target %.3f)",
-                g.name, spec.latent, spec.decoder_sizes(), stored, self.budgets[g.name],
-                g.rows * g.width / stored, self.target_ratio,
+                "group %s: latent %d, decoder %s, stored %d bytes in %s (budget %d), ratio %.3f (target %.3f)",
+                g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype, self.budgets[g.name],
+                original_bytes(g.rows, g.width) / stored, self.target_ratio,
             )
 
     def setup(self, stage: str) -> None:

@@ -77,7 +77,8 @@ def decode_autoencoder(stored: StoredForm) -> torch.Tensor:
     spec = AESpec.from_dict(stored.meta["spec"])
     decoder = build_decoder(spec)
     prefix = "decoder."
-    state = {k[len(prefix) :]: v for k, v in stored.tensors.items() if k.startswith(prefix)}
+    # Stored in spec.dtype; decoding always runs in float32 from exactly those values.
+    state = {k[len(prefix) :]: v.float() for k, v in stored.tensors.items() if k.startswith(prefix)}
     try:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as err:

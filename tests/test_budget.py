@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aecompress.autoencoder import GroupAutoencoder, solve_spec
-from aecompress.budget import budget_numbers, stored_bytes, stored_numbers
+from aecompress.budget import budget_bytes, budget_numbers, stored_bytes, stored_numbers
 from aecompress.errors import AECompressError
 
 OPTIONS = dict(encoder="mlp", decoder="mlp", encoder_widths=(8.0, 4.0), decoder_widths=(2.0, 4.0),
@@ -15,32 +15,32 @@ OPTIONS = dict(encoder="mlp", decoder="mlp", encoder_widths=(8.0, 4.0), decoder_
 @pytest.mark.parametrize("ratio", [2.0, 4.0, 10.0])
 @pytest.mark.parametrize("decoder,encoder", [("mlp", "mlp"), ("linear", "linear"), ("linear", "free")])
 def test_budget_never_exceeded_and_counted_exactly(rows, width, ratio, decoder, encoder):
-    budget = budget_numbers(rows, width, ratio)
+    budget = budget_bytes(rows, width, ratio)
     try:
         spec = solve_spec("g", rows, width, budget, ratio, **{**OPTIONS, "decoder": decoder, "encoder": encoder})
     except AECompressError:
         pytest.skip("infeasible at this size")  # checked separately below
     ae = GroupAutoencoder(spec, rows)
     tensors = ae.stored_tensors(torch.randn(rows, width))
-    assert stored_numbers(tensors) == spec.stored_numbers(rows) <= budget
-    assert stored_bytes(tensors) == 4 * stored_numbers(tensors)
+    assert stored_numbers(tensors) == spec.stored_numbers(rows) <= budget_numbers(rows, width, ratio)
+    assert stored_bytes(tensors) == 4 * stored_numbers(tensors) == spec.stored_bytes(rows) <= budget
     assert rows * width / stored_numbers(tensors) >= ratio
 
 
 def test_solution_is_the_largest_that_fits():
     rows, width, ratio = 2304, 384, 10.0
-    budget = budget_numbers(rows, width, ratio)
+    budget = budget_bytes(rows, width, ratio)
     spec = solve_spec("g", rows, width, budget, ratio, **OPTIONS)
     bigger = solve_spec("g", rows, width, 10**9, ratio, **OPTIONS)
     assert spec.latent < bigger.latent
     from aecompress.autoencoder import spec_for_scale
 
-    assert spec_for_scale(spec.latent + 1, width, **OPTIONS).stored_numbers(rows) > budget
+    assert spec_for_scale(spec.latent + 1, width, **OPTIONS).stored_bytes(rows) > budget
 
 
 def test_infeasible_ratio_states_the_range():
     with pytest.raises(AECompressError, match=r"ratio 50.0 is infeasible .*feasible ratios are 1 < ratio <= \d"):
-        solve_spec("key", 64, 32, budget_numbers(64, 32, 50.0), 50.0, **OPTIONS)
+        solve_spec("key", 64, 32, budget_bytes(64, 32, 50.0), 50.0, **OPTIONS)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0, -3.0])
@@ -50,9 +50,21 @@ def test_ratio_must_exceed_one(ratio):
 
 
 def test_zero_norm_rows_decode_without_nan():
-    spec = solve_spec("g", 64, 32, budget_numbers(64, 32, 2.0), 2.0, **OPTIONS)
+    spec = solve_spec("g", 64, 32, budget_bytes(64, 32, 2.0), 2.0, **OPTIONS)
     ae = GroupAutoencoder(spec, 64)
     rows = torch.randn(64, 32)
     rows[3] = 0
     out = ae(rows, torch.arange(64), rows.norm(dim=1))
     assert torch.isfinite(out).all() and torch.count_nonzero(out[3]) == 0
+
+
+@pytest.mark.parametrize("dtype,size", [("float16", 2), ("bfloat16", 2), ("float32", 4)])
+def test_half_precision_storage_buys_a_larger_latent_at_the_same_bytes(dtype, size):
+    rows, width, ratio = 2304, 384, 10.0
+    options = {**OPTIONS, "encoder": "free", "decoder": "linear", "out_activation": "none", "enforce_norm": False}
+    spec = solve_spec("g", rows, width, budget_bytes(rows, width, ratio), ratio, **options, dtype=dtype)
+    full = solve_spec("g", rows, width, budget_bytes(rows, width, ratio), ratio, **options)
+    tensors = GroupAutoencoder(spec, rows).stored_tensors(torch.randn(rows, width))
+    assert all(t.element_size() == size for t in tensors.values())
+    assert stored_bytes(tensors) == spec.stored_bytes(rows) <= budget_bytes(rows, width, ratio)
+    assert spec.latent >= 2 * full.latent - 1 if size == 2 else spec.latent == full.latent

@@ -126,3 +126,15 @@ def test_console_script_and_module_entry_point():
     for cmd in ([script, "export", "--help"], [sys.executable, "-m", "aecompress", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "export" in out
+
+
+def test_half_precision_storage_exports_exactly(tmp_path, tiny_dirs):
+    fit_and_export(tmp_path, tiny_dirs["llama"], ["k_proj"],
+                   **{"data.ratio": 2.0, "model.encoder": "free", "model.decoder": "linear",
+                      "model.out_activation": "none", "model.enforce_norm": False, "model.storage_dtype": "float16"})
+    meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
+    assert {t["dtype"] for g in meta["groups"] for t in g["tensors"].values()} == {"float16"}
+    assert meta["achieved_ratio"] >= 2.0 and meta["stored_bytes"] == 2 * meta["stored_numbers"]
+    decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
+    compact = aecompress.load_compact(tmp_path / "compact").state_dict()
+    assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
