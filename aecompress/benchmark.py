@@ -59,6 +59,8 @@ class MethodChoice:
         mode: override the group's mode (e.g. ``separated`` for per-layer SVD).
         recipe: for ``ae``: a fit config (YAML) whose ``model``, ``trainer`` and ``data``
             training settings are used; the model, modules, mode and ratio come from the benchmark.
+        overrides: for ``ae``: dotted keys replacing recipe values, e.g.
+            ``{"model.storage_dtype": "float16", "trainer.max_steps": 100}``.
     """
 
     method: str
@@ -66,6 +68,7 @@ class MethodChoice:
     options: dict = field(default_factory=dict)
     mode: str | None = None
     recipe: str | None = None
+    overrides: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -153,7 +156,7 @@ class Benchmark:
 
         if not choice.recipe:
             raise AECompressError(f"method {choice.label!r} (ae) needs a recipe: a fit config such as configs/best.yaml")
-        forms = train_recipe(choice.recipe, self, group.modules, mode, ratio, run_dir)
+        forms = train_recipe(choice.recipe, self, group.modules, mode, ratio, run_dir, choice.overrides)
         self.model.requires_grad_(True)
         return forms
 

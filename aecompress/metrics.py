@@ -100,5 +100,6 @@ def output_mismatch(student, teacher) -> torch.Tensor:
     """
     if getattr(teacher, "logits", None) is not None:
         return next_token_kl(student.logits, teacher.logits)
+
     target = teacher.last_hidden_state.float()
     return (student.last_hidden_state.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)

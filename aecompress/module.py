@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -60,6 +61,8 @@ class CompressorModule(L.LightningModule):
             hidden states for encoders without a head.
         residual_hidden: hidden width of the ``residual`` decoder's non-linear branch.
         damp: covariance damping, as a fraction of its mean diagonal.
+        cache_teacher: with the ``output`` loss, keep the original model's outputs for each
+            calibration window (in float16, on the CPU) instead of recomputing them every epoch.
         storage_dtype: the dtype latents, decoder and norms are stored in. Half precision
             buys twice the numbers for the same bytes (so a larger latent size); training runs
             in float32 and the stored values are rounded once, at export.
@@ -84,14 +87,17 @@ class CompressorModule(L.LightningModule):
         residual_hidden: int = 32,
         damp: float = DEFAULT_DAMP,
         storage_dtype: StorageDtype = "float32",
+        cache_teacher: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         if not groups:
             raise AECompressError("model.groups is empty: link it from the data module (data.group_specs)")
-        if latent_width <= 0 or any(w <= 0 for w in (*encoder_widths, *decoder_widths)):
-            raise AECompressError("latent_width and all layer widths must be positive")
+        for key, value in (("latent_width", latent_width), ("encoder_widths", tuple(encoder_widths)),
+                           ("decoder_widths", tuple(decoder_widths))):
+            if any(not w > 0 for w in (value if isinstance(value, tuple) else (value,))):
+                raise AECompressError(f"model.{key} must be positive, got {value}")
         if cos_weight < 0 or rmse_weight < 0 or cos_weight + rmse_weight == 0:
             raise AECompressError("cos_weight and rmse_weight must be non-negative and not both zero")
         if init != "random" and (encoder != "free" or decoder == "mlp" or out_activation != "none"):
@@ -100,6 +106,8 @@ class CompressorModule(L.LightningModule):
                 f"decoder: linear or residual, and out_activation: none (got {encoder}, {decoder}, {out_activation})"
             )
         self.init_kind, self.loss_kind, self.damp = init, loss, damp
+        self.cache_teacher = cache_teacher
+        self._teacher: dict[bytes, object] = {}
         self.groups = [WeightGroup.from_dict(g) for g in groups]
         self.target_ratio = float(groups[0].get("ratio", 0.0))
         self.budgets = {g["name"]: budget_bytes(int(g["rows"]), int(g["width"]), self.target_ratio) for g in groups}
@@ -191,13 +199,26 @@ class CompressorModule(L.LightningModule):
         model = datamodule.hf_model
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
         decoded = {g: self.decoded_rows(g.name, datamodule.rows[g.name].to(self.device)) for g in self.groups}
-        with torch.no_grad():
-            teacher = model(input_ids=ids)
+        teacher = self._teacher_outputs(model, ids)
         student = torch.func.functional_call(model, substituted_params(model, decoded), (), {"input_ids": ids})
         loss = output_mismatch(student, teacher)
         self._check_finite(loss, "+".join(g.name for g in self.groups))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
+
+    @torch.no_grad()
+    def _teacher_outputs(self, model, ids: torch.Tensor):
+        """The original model's outputs for a window batch, computed once per distinct batch."""
+        key = ids.cpu().numpy().tobytes()
+        cached = self._teacher.get(key)
+        if cached is None:
+            out = model(input_ids=ids)
+            field = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
+            cached = (field, getattr(out, field))
+            if self.cache_teacher:
+                self._teacher[key] = (field, cached[1].to("cpu", torch.float16))
+        field, value = cached
+        return SimpleNamespace(**{field: value.to(self.device, torch.float32)})
 
     def _check_finite(self, loss: torch.Tensor, name: str) -> None:
         if not torch.isfinite(loss):
@@ -240,6 +261,31 @@ class CompressorModule(L.LightningModule):
             self.log(f"val/{key}", value, prog_bar=True, add_dataloader_idx=False)
         self.val_total.reset()
 
+    def signature(self) -> dict:
+        """What a checkpoint must agree on to be resumed or exported by this config."""
+        return {
+            "target_ratio": self.target_ratio,
+            "loss": self.loss_kind,
+            "init": self.init_kind,
+            "groups": {g.name: g.to_dict() for g in self.groups},
+            "specs": {name: spec.to_dict() for name, spec in self.specs.items()},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the signature, so a resume with another config is refused by name."""
+        checkpoint[SIGNATURE] = self.signature()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse (``--ckpt_path``) a checkpoint written by another config, naming the first difference."""
+        path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        problems = []
+        if SIGNATURE in checkpoint:
+            problems = _differences(checkpoint[SIGNATURE], self.signature())
+        problems = problems or _state_problems(self.state_dict(), checkpoint.get("state_dict", {}))
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise AECompressError(f"checkpoint {path!r} was written by another config: {problems[0]}{more}")
+
     def configure_optimizers(self):
         """Optimizer and optional scheduler from the injected factories."""
         optimizer = self.optimizer_factory(self.parameters())
@@ -271,18 +317,50 @@ def load_weights(module: CompressorModule, ckpt_path: str) -> None:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if state is None:
         raise AECompressError(f"checkpoint {ckpt_path!r} has no state_dict; is it a Lightning checkpoint?")
-    own = module.state_dict()
+    problems = _state_problems(module.state_dict(), state)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AECompressError(f"checkpoint {ckpt_path!r} does not fit this config and model: {problems[0]}{more}")
+    module.load_state_dict(state)
+
+
+def _state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's state dict differs from the module's: shapes, missing and unexpected keys."""
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     problems = mismatched + [f"missing {k}" for k in sorted(set(own) - set(state))]
-    problems += [f"unexpected {k}" for k in sorted(set(state) - set(own))]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AECompressError(f"checkpoint {ckpt_path!r} does not fit this config and model: {problems[0]}{more}")
-    module.load_state_dict(state)
+    return problems + [f"unexpected {k}" for k in sorted(set(state) - set(own))]
+
+
+SIGNATURE = "aecompress_signature"
+
+
+def _differences(saved, current, path: str = "") -> list[str]:
+    """Where two signatures differ, as ``path: checkpoint X, this config Y`` lines (first difference first)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = [f"{path}{k}: in this config only" for k in current if k not in saved]
+        out += [f"{path}{k}: in the checkpoint only" for k in saved if k not in current]
+        for k in saved:
+            if k in current:
+                out += _differences(saved[k], current[k], f"{path}{k}.")
+        return out
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
+        out = []
+        for i, (a, b) in enumerate(zip(saved, current)):
+            out += _differences(a, b, f"{path}{i}.")
+        return out
+    if saved != current:
+        return [f"{path.rstrip('.')}: checkpoint {_short(saved)}, this config {_short(current)}"]
+    return []
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 
 def _key(name: str) -> str:

@@ -36,7 +36,22 @@ def _rewrite(recipe: dict, name: str, modules: list[str], mode: str, ratio: floa
     return {**recipe, "data": data, "trainer": trainer}
 
 
-def train_recipe(recipe_path: str, bench, modules: list[str], mode: str, ratio: float, run_dir: Path) -> list[StoredForm]:
+def _override(config: dict, overrides: dict) -> dict:
+    """Apply ``{"section.key": value}`` overrides to a recipe."""
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in ("data", "model", "trainer", "seed_everything") or (section != "seed_everything" and not key):
+            raise AECompressError(f"recipe override {dotted!r} must be data.KEY, model.KEY or trainer.KEY")
+        if section == "seed_everything":
+            config[section] = value
+        else:
+            config[section] = {**(config.get(section) or {}), key: value}
+    return config
+
+
+def train_recipe(
+    recipe_path: str, bench, modules: list[str], mode: str, ratio: float, run_dir: Path, overrides: dict | None = None
+) -> list[StoredForm]:
     """Fit a recipe on the benchmark's model; return the stored forms of its best checkpoint.
 
     Args:
@@ -46,6 +61,7 @@ def train_recipe(recipe_path: str, bench, modules: list[str], mode: str, ratio: 
         mode: ``concatenated`` or ``separated``.
         ratio: target ratio.
         run_dir: where this run's config, logs and checkpoints go.
+        overrides: dotted recipe keys to replace (``model.storage_dtype``...).
     """
     from aecompress.cli import AECompressCLI, AETrainer
     from aecompress.data import WeightRowsDataModule, preloaded
@@ -54,7 +70,7 @@ def train_recipe(recipe_path: str, bench, modules: list[str], mode: str, ratio: 
     path = Path(recipe_path)
     if not path.is_file():
         raise AECompressError(f"recipe {recipe_path!r} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = _override(yaml.safe_load(path.read_text()) or {}, overrides or {})
     config = _rewrite(recipe, bench.name, modules, mode, ratio, bench.calibration, bench.calibration_tokens, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
