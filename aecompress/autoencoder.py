@@ -10,12 +10,13 @@ free`` there is no encoder at all and the latents are trained directly.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from aecompress.budget import infeasible_bytes, largest_fitting
+from aecompress.errors import AECompressError
 
 EncoderKind = Literal["mlp", "linear", "free"]
 DecoderKind = Literal["mlp", "linear", "residual"]
@@ -67,7 +68,15 @@ class AESpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> AESpec:
-        """Inverse of :meth:`to_dict`; JSON turns tuples into lists."""
+        """Inverse of :meth:`to_dict`; JSON turns tuples into lists.
+
+        A spec read from an artifact may only name the decoders, activations and
+        dtypes built here: anything else is refused, never looked up or imported.
+        """
+        for key, kind, default in (("decoder", DecoderKind, "mlp"), ("out_activation", OutActivation, "tanh"),
+                                   ("dtype", StorageDtype, "float32")):
+            if data.get(key, default) not in get_args(kind):
+                raise AECompressError(f"unknown autoencoder {key} {data.get(key)!r}; valid: {', '.join(get_args(kind))}")
         enc = data.get("encoder_hidden")
         return cls(
             width=int(data["width"]),

@@ -17,6 +17,11 @@ settings, then cached as safetensors files under
 ``cache_dir()/calibration`` (one file per group and kind). A cache file that
 cannot be read or does not match what it should hold is reported with a
 warning and rebuilt. Nothing is unpickled.
+
+Under DDP (``torch.distributed`` initialized) each rank runs its own share of
+the covariance windows and the sums and token counts are all-reduced, so every
+rank ends with the statistics of all windows; rank 0 alone writes the cache.
+Fisher weights are computed whole on every rank.
 """
 
 from __future__ import annotations
@@ -139,19 +144,46 @@ def _covariances(
     runner = _forward_module(model, list(owners.values()))
     was_training = model.training
     model.eval()
+    rank, world = _distributed()
     try:
         if owners:
-            for batch in _batches(input_ids, batch_size):
+            for batch in _batches(input_ids[rank::world], batch_size):
                 runner(batch)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if world > 1:
+        _reduce(owners, sums, counts)
     means = {name: sums[name] / counts[name] for name in sums}
     missing = sorted(set(owners) - set(means))
     if missing:
         raise AECompressError(f"calibration never reached layer {missing[0]!r}; is it used by the model's forward pass?")
     return {g.name: [means.get(_owner_name(m)) for m in g.members] for g in groups}
+
+
+def _distributed() -> tuple[int, int]:
+    """This process's rank and the world size while torch.distributed runs (DDP), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _reduce(owners: dict[str, nn.Module], sums: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
+    """Sum the ranks' input second moments and token counts: each rank saw its own windows."""
+    import torch.distributed as dist
+
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    for name in sorted(owners):
+        owner = owners[name]
+        width = owner.in_features if isinstance(owner, nn.Linear) else owner.weight.shape[0]
+        total = sums.get(name, torch.zeros(width, width, dtype=torch.float64)).to(device)
+        count = torch.tensor([counts.get(name, 0)], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+        if int(count.item()):
+            sums[name], counts[name] = total.cpu(), int(count.item())
 
 
 def _fisher_loss(
@@ -382,7 +414,7 @@ def collect(
             else:
                 computed = _fisher(model, missing, input_ids, fisher_batch_size, kind, seed, mask_token_id)
             for g in missing:
-                if cache_key is not None:
+                if cache_key is not None and _distributed()[0] == 0:  # under DDP rank 0 writes
                     _save(paths[g.name], stat, computed[g.name], tokens)
             found.update(computed)
         for g in groups:

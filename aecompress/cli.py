@@ -8,18 +8,24 @@ same ``--config`` as ``fit`` and its flags come from its signature.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import pickle
+import re
+import signal
 import sys
 import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from aecompress.data import WeightRowsDataModule
 from aecompress.errors import AECompressError
 from aecompress.export import ExportFormat, export, sidecar
 from aecompress.module import CompressorModule, load_weights
+from aecompress.streaming import export_streaming
 
 log = logging.getLogger("aecompress")
 
@@ -35,6 +41,7 @@ class AETrainer(L.Trainer):
         out_dir: str,
         format: ExportFormat = "decoded",  # noqa: A002 - the flag users type is --format
         overwrite: bool = False,
+        stream: bool | None = None,
     ) -> None:
         """Write the compressed model as a Hugging Face checkpoint.
 
@@ -46,15 +53,39 @@ class AETrainer(L.Trainer):
             format: ``decoded`` (plain transformers, full size) or ``compact``
                 (latents + decoder + remaining weights; read with ``aecompress.load_compact``).
             overwrite: replace ``out_dir`` if it exists.
+            stream: write the decoded format shard by shard from the source's safetensors
+                files, one tensor in memory at a time (never the whole model). Default: when
+                the rows were read lazily (``data.lazy`` on a local safetensors checkpoint).
         """
+        streaming = _streams(stream, format, datamodule)
+        self.strategy.barrier("aecompress-export-start")
         if self.is_global_zero:
             load_weights(model, ckpt_path)
             forms = model.stored_forms(datamodule.rows)
-            export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
-                   datamodule.model_name, out_dir, format, overwrite)
+            if streaming:
+                export_streaming(datamodule.skeleton, datamodule.tensor_files, forms, datamodule.source,
+                                 datamodule.auto_class, datamodule.model_name, out_dir, overwrite)
+            else:
+                export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
+                       datamodule.model_name, out_dir, format, overwrite)
             meta = sidecar(forms, datamodule.source, datamodule.auto_class, format, datamodule.model_name)
             print(f"exported {format} model to {out_dir} (achieved ratio {meta['achieved_ratio']:.3f})")
         self.strategy.barrier("aecompress-export")
+
+
+def _streams(stream: bool | None, fmt: str, datamodule: WeightRowsDataModule) -> bool:
+    """Whether ``export`` streams: asked for, or by default whenever the rows were read lazily."""
+    lazy = datamodule.tensor_files is not None
+    if stream and fmt != "decoded":
+        raise AECompressError(f"--stream writes the decoded format only, not {fmt!r}; drop --stream or use --format decoded")
+    if stream and not lazy:
+        raise AECompressError(
+            f"--stream needs the rows read lazily from a local safetensors checkpoint; {datamodule.source!r} "
+            "was loaded whole (is data.lazy false, or the model a hub id?)"
+        )
+    if stream is None:
+        return lazy and fmt == "decoded"
+    return stream
 
 
 def _train_on(loss: str) -> str:
@@ -79,6 +110,26 @@ class AECompressCLI(LightningCLI):
         parser.link_arguments("data.group_specs", "model.groups", apply_on="instantiate")
         parser.link_arguments("model.loss", "data.train_on", compute_fn=_train_on, apply_on="parse")
 
+    def _parse_ckpt_path(self) -> None:
+        """A checkpoint never configures the run: settings come from ``--config`` and flags only.
+
+        LightningCLI would parse a checkpoint's ``hyper_parameters`` into the model's
+        config, where a ``class_path`` names code to import and instantiate. aecompress
+        checkpoints carry none, and one handed to us must not choose code.
+        """
+
+    def before_fit(self) -> None:
+        """Read ``--ckpt_path`` with ``weights_only=True``, whatever torch's default or the environment say."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is False:
+            raise AECompressError(
+                "--weights_only false is refused: aecompress reads checkpoints as tensors and plain data only, "
+                "so that a checkpoint can never run code"
+            )
+        config["weights_only"] = True
+
+    before_validate = before_fit
+
     def after_fit(self) -> None:
         """Print where the best checkpoint is, for ``aecompress export --ckpt_path``."""
         callback = self.trainer.checkpoint_callback
@@ -100,7 +151,7 @@ def _configure_logging() -> None:
 
 
 # Boolean options that may be given bare, as in ``--overwrite``; jsonargparse wants a value.
-_FLAGS = ("--overwrite", "--throughput")
+_FLAGS = ("--overwrite", "--throughput", "--stream", "--runtime")
 
 
 def _bare_flags(args: list[str]) -> list[str]:
@@ -121,13 +172,27 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 EXTRA_COMMANDS["evaluate"] = ("aecompress.evaluate", "evaluate_command")
 EXTRA_COMMANDS["runtime-bench"] = ("aecompress.runtime", "bench")
+EXTRA_COMMANDS["verify"] = ("aecompress.verify", "verify")
 
 
 def _run_extra(name: str, args: list[str]) -> None:
     from jsonargparse import CLI
 
     module, function = EXTRA_COMMANDS[name]
-    CLI(getattr(importlib.import_module(module), function), args=args, prog=f"aecompress {name}", as_positional=False)
+    fn = getattr(importlib.import_module(module), function)
+    CLI(fn, args=_leading_positional(fn, args), prog=f"aecompress {name}", as_positional=False)
+
+
+def _leading_positional(fn, args: list[str]) -> list[str]:
+    """Let a bare first value fill the function's first required parameter.
+
+    ``aecompress verify DIR`` is read as ``aecompress verify --directory DIR``;
+    every parameter can still be given by name.
+    """
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    if args and not args[0].startswith("-") and first is not None and first.default is inspect.Parameter.empty:
+        return [f"--{first.name}", *args]
+    return args
 
 
 def _epilog() -> str:
@@ -158,9 +223,17 @@ def main(args: list[str] | None = None) -> None:
             },
             args=args,
         )
-    except AECompressError as err:
+    except (AECompressError, MisconfigurationException) as err:  # ours, or Lightning's (devices, accelerator...)
         print(f"aecompress: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except pickle.UnpicklingError as err:  # from torch.load(weights_only=True) on a --ckpt_path
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+        print(f"aecompress: error: checkpoint refused: it holds more than tensors and plain data ({first})", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning stops fit at the next step; it would exit 0
+        print("aecompress: stopped by SIGTERM; the last checkpoint is intact (resume with --ckpt_path last)",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

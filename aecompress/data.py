@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -18,11 +19,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from aecompress.budget import budget_numbers
 from aecompress.errors import AECompressError
 from aecompress.groups import Mode, WeightGroup, extract_rows, select_groups
+from aecompress.lazy import checkpoint_keys, open_lazy, read_rows
 from aecompress.loading import ModelClass, load_model
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,10 @@ class WeightRowsDataModule(L.LightningDataModule):
         calibration_batch_size: windows per training batch when training on calibration text.
         train_on: ``rows`` or ``calibration`` windows; linked from ``model.loss``
             (``output`` trains on calibration text), so it is never set by hand.
+        lazy: read only the selected groups' tensors from a local safetensors checkpoint
+            (single file or sharded), on a skeleton of the model that holds no weights.
+            The full model is loaded only if something needs it (calibration, the
+            ``output`` loss, model-level validation, a compact export).
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class WeightRowsDataModule(L.LightningDataModule):
         calibration_tokens: int = 8192,
         calibration_batch_size: int = 1,
         train_on: Literal["rows", "calibration"] = "rows",
+        lazy: bool = True,
     ):
         super().__init__()
         if not ratio > 1:
@@ -134,14 +141,23 @@ class WeightRowsDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
+        self._load_args = (model, model_class, trust_remote_code)
+        self._hf_model = None
+        # Lazy: the skeleton (meta device) and the checkpoint's files; else both None.
+        self.skeleton, self.tensor_files = None, None
         loaded = _PRELOADED.get()
         if loaded is not None and loaded[0] == model:
-            _, self.hf_model, self.source, self.auto_class = loaded
+            _, self._hf_model, self.source, self.auto_class = loaded
+        elif lazy and (opened := open_lazy(model, model_class, trust_remote_code)) is not None:
+            self.skeleton, self.tensor_files, self.source, self.auto_class = opened
         else:
-            self.hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
-        self.groups: list[WeightGroup] = select_groups(self.hf_model, modules, mode, include, exclude)
-        self.rows = {g.name: extract_rows(self.hf_model, g) for g in self.groups}
-        self.members = {g.name: member_index(g, self.hf_model) for g in self.groups}
+            self._hf_model, self.source, self.auto_class = load_model(model, model_class, trust_remote_code)
+        structure = self.skeleton if self.skeleton is not None else self._hf_model
+        self.groups: list[WeightGroup] = select_groups(structure, modules, mode, include, exclude)
+        if self.skeleton is not None and not self._lazy_covers():
+            self.skeleton, self.tensor_files, structure = None, None, self.hf_model
+        self.rows = {g.name: self._extract(g) for g in self.groups}
+        self.members = {g.name: member_index(g, structure) for g in self.groups}
         self.calibration = calibration
         self.calibration_window = calibration_window
         self.calibration_tokens = calibration_tokens
@@ -156,6 +172,26 @@ class WeightRowsDataModule(L.LightningDataModule):
         ]
         for g in self.groups:
             log.info("group %s: %d rows x %d (%d matrices)", g.name, g.rows, g.width, len(g.members))
+
+    @property
+    def hf_model(self):
+        """The full model, loaded on first use when the rows were read lazily."""
+        if self._hf_model is None:
+            log.info("loading the full model %s (lazy loading covers the rows only)", self.source)
+            self._hf_model, _, _ = load_model(*self._load_args)
+        return self._hf_model
+
+    def _lazy_covers(self) -> bool:
+        params = [m.param for g in self.groups for m in g.members]
+        if checkpoint_keys(self.skeleton, self.tensor_files, params) is not None:
+            return True
+        log.warning("%s stores some selected weights under other names; loading the full model", self.source)
+        return False
+
+    def _extract(self, group: WeightGroup) -> torch.Tensor:
+        if self.skeleton is not None:
+            return read_rows(self.skeleton, self.tensor_files, group)
+        return extract_rows(self.hf_model, group)
 
     def _check_finite(self) -> None:
         for name, rows in self.rows.items():
@@ -231,12 +267,12 @@ class WeightRowsDataModule(L.LightningDataModule):
         """
         if self.train_on == "calibration":
             windows = TensorDataset(self.calibration_windows())
-            return DataLoader(windows, batch_size=self.calibration_batch_size, shuffle=True)
+            return DataLoader(windows, batch_size=self.calibration_batch_size, sampler=self._shuffled(windows))
         loaders = {
             g.name: DataLoader(
                 self.dataset(g.name),
                 batch_size=self.batch_size or g.rows,
-                shuffle=True,
+                sampler=self._shuffled(self.dataset(g.name)),
                 num_workers=self.num_workers,
             )
             for g in self.groups
@@ -244,8 +280,41 @@ class WeightRowsDataModule(L.LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
-        """All rows of every group, in group order (dataloader index = group index)."""
+        """All rows of every group, in group order (dataloader index = group index).
+
+        Under DDP each rank validates its own rows, each row exactly once, and the
+        metrics' sums are reduced across ranks: the values equal a single process's.
+        """
+        world, rank = self._world()
         return [
-            DataLoader(self.dataset(g.name), batch_size=self.val_batch_size, num_workers=self.num_workers)
+            DataLoader(self.dataset(g.name), batch_size=self.val_batch_size, num_workers=self.num_workers,
+                       sampler=RowShard(self.dataset(g.name), world, rank))
             for g in self.groups
         ]
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _shuffled(self, dataset: Dataset) -> DistributedSampler:
+        """This rank's share of the rows, reshuffled each epoch from the run's seed and the epoch alone.
+
+        Lightning calls ``set_epoch``, so a resumed run sees the same order as an
+        uninterrupted one; under DDP each rank draws a disjoint share.
+        """
+        world, rank = self._world()
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
+class RowShard(DistributedSampler):
+    """Rank r of w takes rows r, r + w, r + 2w, ... in order: every row once, no padding."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))

@@ -477,8 +477,12 @@ def measure_throughput(
 # --------------------------------------------------------------------------- loading and the command
 
 
-def load_any(name_or_dir: str) -> tuple[nn.Module, object, str | None]:
+def load_any(name_or_dir: str, runtime: bool = False) -> tuple[nn.Module, object, str | None]:
     """Load an original, a decoded export or a compact export, with its tokenizer.
+
+    With ``runtime`` a compact export is loaded in its run-time form (weights
+    decoded just in time, see :mod:`aecompress.runtime`), so quality is measured
+    exactly as that form runs.
 
     Returns:
         The model in eval mode, its tokenizer, and the name of the original model for an
@@ -493,13 +497,18 @@ def load_any(name_or_dir: str) -> tuple[nn.Module, object, str | None]:
         meta = read_json(path / SIDECAR)
         fmt = meta.get("format")
         if fmt == "aecompress-compact":
-            model = load_compact(path)
+            model = load_compact(path, materialize=not runtime)
         elif fmt == "aecompress-decoded":
             model = auto_class(meta.get("auto_class", "AutoModel")).from_pretrained(path, dtype=torch.float32)
         else:
             raise AECompressError(f"{str(path)!r} holds unknown format {fmt!r}; valid: aecompress-decoded, aecompress-compact")
         tokenizer = load_tokenizer(path if _has_tokenizer(path) else meta.get("source", str(path)))
         return model.eval(), tokenizer, meta.get("source_model")
+    if runtime:
+        raise AECompressError(
+            f"--runtime needs a compact export, and {name_or_dir!r} is not one; "
+            "write it with aecompress export --format compact"
+        )
     model, source, _ = load_model(name_or_dir)
     return model, load_tokenizer(source), None
 
@@ -548,6 +557,7 @@ def evaluate_command(
     seed: int = 0,
     device: str = "auto",
     throughput: bool = False,  # noqa: A002 - the flag users type is --throughput
+    runtime: bool = False,
 ) -> dict[str, float]:
     """Measure a model (original, decoded export or compact export) on text.
 
@@ -567,6 +577,8 @@ def evaluate_command(
         seed: masking seed for mlm_perplexity.
         device: auto, cpu, cuda or cuda:N.
         throughput: also time the perplexity loop against a bare forward pass over the same windows.
+        runtime: load a compact export in its run-time form (decoded just in time), to
+            measure quality as it will run.
     """
     import json as json_lib
 
@@ -576,7 +588,7 @@ def evaluate_command(
         raise AECompressError(f"max_tokens must be at least 2, got {max_tokens}")
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    hf_model, tokenizer, reference_name = load_any(model)
+    hf_model, tokenizer, reference_name = load_any(model, runtime)
     hf_model.to(target)
     wanted = metrics if metrics is not None else default_metrics(hf_model, data, reference_name is not None)
     check_metrics(wanted, hf_model, reference_name is not None)

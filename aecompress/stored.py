@@ -63,7 +63,11 @@ def decode(stored: StoredForm) -> torch.Tensor:
     """Decode a stored form to its (rows x width) float32 matrix."""
     if stored.method not in DECODERS:
         raise AECompressError(f"unknown compression method {stored.method!r}; valid: {', '.join(sorted(DECODERS))}")
-    rows = DECODERS[stored.method](stored)
+    # Decode from fresh contiguous copies: CPU matmul kernels can round differently on
+    # memory that is not 64-byte aligned (tensors read from a safetensors file often
+    # are not), and a form must decode to the same bits wherever its tensors live.
+    fresh = {k: t.clone(memory_format=torch.contiguous_format) for k, t in stored.tensors.items()}
+    rows = DECODERS[stored.method](StoredForm(stored.method, stored.group, fresh, stored.meta))
     expected = (stored.group.rows, stored.group.width)
     if tuple(rows.shape) != expected:
         raise AECompressError(f"group {stored.group.name!r} decodes to {tuple(rows.shape)}, expected {expected}")
