@@ -96,19 +96,17 @@ class Benchmark:
                  metrics: list[str] | None, max_tokens: int | None, trust_remote_code: bool):
         from transformers import AutoTokenizer
 
+        from aecompress.evaluate import model_kind
+
         self.name, self.data, self.metrics, self.max_tokens = model, data, metrics, max_tokens
         self.calibration, self.calibration_tokens, self.calibration_window = (
             calibration, calibration_tokens, calibration_window)
         self.model, self.source, self.auto_class = load_model(model, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         # Embedding fidelity compares against the untouched original; encoders are small.
-        self.reference = copy.deepcopy(self.model) if self._needs_reference() else None
+        self.reference = copy.deepcopy(self.model) if model_kind(self.model) == "encoder" else None
         self._windows: torch.Tensor | None = None
         self._stats: dict[tuple[str, str], dict] = {}
-
-    def _needs_reference(self) -> bool:
-        archs = getattr(self.model.config, "architectures", None) or []
-        return not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")) for a in archs)
 
     def evaluate(self) -> dict[str, float]:
         """The model's current quality on the report split."""
