@@ -143,11 +143,14 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
     except ImportError:
         return None
     measured = [r for r in rows if r.split == split and r.metric != "failed"]
-    panels = sorted({(r.group, r.metric) for r in measured if r.method != "original"})
-    if not panels:
+    groups = list(dict.fromkeys(r.group for r in measured if r.method != "original"))
+    metrics = sorted({r.metric for r in measured if r.method != "original"})
+    if not groups:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (group, metric) in zip(axes[0], panels):
+    # One row per group, one column per metric, so the figure stays readable as both grow.
+    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(4.8 * len(metrics), 3.6 * len(groups)), squeeze=False)
+    panels = [(g, m) for g in groups for m in metrics]
+    for ax, (group, metric) in zip(axes.flatten(), panels):
         for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
             points = sorted(
                 (_value(r.target_ratio), _value(r.value))
