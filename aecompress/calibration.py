@@ -96,12 +96,9 @@ def _owner_name(member: Member) -> str:
 
 def loss_kind(model: nn.Module) -> str:
     """Which loss gives Fisher gradients for this model: ``causal``, ``masked`` or ``embedding``."""
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal"
-    if name.endswith("ForMaskedLM"):
-        return "masked"
-    return "embedding"
+    from aecompress.evaluate import model_kind  # imported here: evaluate depends on this package's core
+
+    return {"causal_lm": "causal", "masked_lm": "masked", "encoder": "embedding"}[model_kind(model)]
 
 
 def _batches(input_ids: torch.Tensor, size: int):

@@ -11,7 +11,6 @@ Both are written atomically (see :mod:`aecompress.atomic`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from aecompress import __version__
 from aecompress.atomic import atomic_directory, check_target
 from aecompress.budget import original_bytes
 from aecompress.groups import assign_rows, extract_rows
+from aecompress.loading import sha256
 from aecompress.stored import StoredForm, decode
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,6 @@ REMAINING = "remaining.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 _SKIP_NAMES = {"config.json", "generation_config.json", SIDECAR, "model.safetensors.index.json"}
 _SKIP_DIRS = {"onnx", "openvino", ".git", ".cache"}
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def copy_aux_files(source: str, target: Path) -> None:

@@ -71,14 +71,15 @@ def _cache_is_valid(target: Path) -> bool:
         return all(
             (target / name).is_file()
             and (target / name).stat().st_size == info["size"]
-            and _sha256(target / name) == info["sha256"]
+            and sha256(target / name) == info["sha256"]
             for name, info in files.items()
         ) and "model.safetensors" in files
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return False
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (cache manifests and export checksums)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -88,7 +89,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(directory: Path) -> None:
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != _MANIFEST
     }
