@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 import pytest
@@ -83,19 +84,21 @@ def write_config(path: Path, model_dir: Path, modules: list[str], workdir: Path,
     return path
 
 
-def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A character-level tokenizer whose ids fit the tiny models' vocabulary."""
-    import string
+def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
+    """A tiny WordPiece tokenizer (one token per character, ``##`` inside words), fully offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,'-"]
+    assert len(vocab) <= TINY["vocab"], "ids must fit the tiny models' embeddings"
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0, "[SEP]": 1}
-    for ch in string.ascii_letters + string.digits + " .,;:!?'\"()-\n":
-        vocab.setdefault(ch, len(vocab))
-    assert len(vocab) <= TINY["vocab"]
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[SEP]")
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +106,7 @@ def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama with a character tokenizer, and a local text file to evaluate and calibrate on."""
     root = tmp_path_factory.mktemp("tiny_lm")
     build_tiny("llama").save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
+    char_tokenizer(root / "model")
     lines = [f"Sentence number {i} says something short, and then it ends." for i in range(400)]
     (root / "text.txt").write_text("\n\n".join(lines))
     return {"model": root / "model", "text": root / "text.txt"}

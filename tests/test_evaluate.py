@@ -17,16 +17,15 @@ from aecompress import evaluate, loading, text
 from aecompress.callbacks import ModelQualityCallback
 from aecompress.cli import main
 from aecompress.errors import AECompressError
-from tests.conftest import build_tiny, tiny_config, write_config
-from tests.test_text import char_tokenizer
+from tests.conftest import build_tiny, char_tokenizer, tiny_config, write_config
 
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim")
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def _isolated_cache(cache) -> Path:
+    """Every test here gets its own cache (the ``cache`` fixture of conftest.py)."""
+    return cache
 
 
 @pytest.fixture

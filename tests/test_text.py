@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import string
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,9 @@ import transformers
 
 from aecompress import text
 from aecompress.errors import AECompressError
+from tests.conftest import char_tokenizer
 
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim")
-
-
-def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
-    """A tiny WordPiece tokenizer (one token per character, ``##`` inside words), fully offline."""
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = string.ascii_lowercase + string.digits
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,'-"]
-    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
-    tokenizer.save_pretrained(directory)
-    return tokenizer
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture
