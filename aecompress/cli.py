@@ -26,6 +26,7 @@ from aecompress.errors import AECompressError
 from aecompress.export import ExportFormat, export, sidecar
 from aecompress.module import CompressorModule, load_weights
 from aecompress.streaming import export_streaming
+from aecompress.timing import FitTimer
 
 log = logging.getLogger("aecompress")
 
@@ -127,11 +128,15 @@ class AECompressCLI(LightningCLI):
                 "so that a checkpoint can never run code"
             )
         config["weights_only"] = True
+        if self.subcommand == "fit" and not any(isinstance(c, FitTimer) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(FitTimer())
 
     before_validate = before_fit
 
     def after_fit(self) -> None:
-        """Print where the best checkpoint is, for ``aecompress export --ckpt_path``."""
+        """Print where the fit's time went, and where the best checkpoint is, for ``aecompress export --ckpt_path``."""
+        for timer in (c for c in self.trainer.callbacks if isinstance(c, FitTimer)):
+            _print_rank_zero(timer.summary())
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.best_model_path:
             _print_rank_zero(f"best checkpoint: {callback.best_model_path} ({callback.monitor}={callback.best_model_score})")

@@ -8,12 +8,17 @@ the very same LightningCLI as ``aecompress fit``, reusing the loaded model.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import yaml
 
 from aecompress.errors import AECompressError
 from aecompress.stored import StoredForm
+from aecompress.timing import FitTimer
+
+log = logging.getLogger(__name__)
 
 
 def _rewrite(recipe: dict, name: str, modules: list[str], mode: str, ratio: float, calibration: str,
@@ -79,7 +84,11 @@ def train_recipe(
             CompressorModule, WeightRowsDataModule, trainer_class=AETrainer, auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True}, run=False, args=["--config", str(run_dir / "recipe.yaml")],
         )
+    timer = FitTimer()
+    cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
+    log.info("%s", timer.summary())
+    (run_dir / "fit_seconds.json").write_text(json.dumps(timer.phases(), indent=1))
     best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
     if best:
         load_weights(cli.model, best)

@@ -1,0 +1,26 @@
+"""The fit timer splits wall time into setup, training and validation."""
+
+import time
+
+from aecompress.timing import FitTimer
+
+
+def test_phases_add_up_and_validation_is_counted_apart():
+    timer = FitTimer()
+    time.sleep(0.02)
+    timer.on_fit_start(None, None)
+    time.sleep(0.02)
+    timer.on_validation_start(None, None)
+    time.sleep(0.05)
+    timer.on_validation_end(None, None)
+    timer.on_fit_end(None, None)
+    p = timer.phases()
+    assert p["setup"] >= 0.02 and p["validation"] >= 0.05 and p["training"] >= 0.02
+    assert abs(p["setup"] + p["training"] + p["validation"] - p["total"]) < 1e-6
+    assert timer.summary().startswith(f"fit took {p['total']:.1f} s")
+
+
+def test_an_unmatched_validation_end_adds_nothing():
+    timer = FitTimer()
+    timer.on_validation_end(None, None)
+    assert timer.validation == 0.0
