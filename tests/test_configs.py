@@ -7,8 +7,8 @@ import pytest
 from aecompress.cli import main
 
 ALL = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-CONFIGS = [c for c in ALL if not c.name.startswith("benchmark_")]
-BENCHMARKS = [c for c in ALL if c.name.startswith("benchmark_")]
+BENCHMARKS = [c for c in ALL if c.name.startswith(("benchmark_", "ablation_"))]
+CONFIGS = [c for c in ALL if c not in BENCHMARKS]
 
 
 def test_configs_exist():
