@@ -23,6 +23,12 @@ DecoderKind = Literal["mlp", "linear", "residual"]
 OutActivation = Literal["tanh", "none"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# ``dtype``: latents kept like the decoder. ``int8``: each latent row as int8 codes times one
+# float16 scale (symmetric, absmax / 127): about half the bytes of float16 latents, so a
+# larger latent size (rank) fits the same budget.
+LatentStorage = Literal["dtype", "int8"]
+LATENT_SCALE_DTYPE = torch.float16
+INT8_LEVELS = 127
 
 # Norm division guard: a zero-norm row decodes to zero instead of NaN.
 NORM_EPS = 1e-12
@@ -40,6 +46,7 @@ class AESpec:
     enforce_norm: bool = True
     decoder: DecoderKind = "mlp"
     dtype: StorageDtype = "float32"
+    latent_storage: LatentStorage = "dtype"
 
     def decoder_sizes(self) -> list[int]:
         """Layer widths from latent to row (for ``residual``: of the non-linear branch)."""
@@ -55,12 +62,17 @@ class AESpec:
             return sum(p.numel() for p in build_decoder(self).parameters())
 
     def stored_numbers(self, rows: int) -> int:
-        """Latents + decoder + norms, as the accountant will count them."""
-        return rows * self.latent + self.decoder_numbers() + (rows if self.enforce_norm else 0)
+        """Latents + decoder + norms (+ latent scales), as the accountant will count them."""
+        scales = rows if self.latent_storage == "int8" else 0
+        return rows * self.latent + self.decoder_numbers() + (rows if self.enforce_norm else 0) + scales
 
     def stored_bytes(self, rows: int) -> int:
-        """Bytes of the stored form: every stored tensor is kept in ``dtype``."""
-        return self.stored_numbers(rows) * STORAGE_DTYPES[self.dtype].itemsize
+        """Bytes of the stored form: decoder and norms in ``dtype``; latents too, or int8 plus row scales."""
+        item = STORAGE_DTYPES[self.dtype].itemsize
+        rest = self.decoder_numbers() + (rows if self.enforce_norm else 0)
+        if self.latent_storage == "int8":
+            return rows * self.latent + rows * LATENT_SCALE_DTYPE.itemsize + rest * item
+        return (rows * self.latent + rest) * item
 
     def to_dict(self) -> dict:
         """JSON-ready form for checkpoints and sidecars."""
@@ -74,7 +86,8 @@ class AESpec:
         dtypes built here: anything else is refused, never looked up or imported.
         """
         for key, kind, default in (("decoder", DecoderKind, "mlp"), ("out_activation", OutActivation, "tanh"),
-                                   ("dtype", StorageDtype, "float32")):
+                                   ("dtype", StorageDtype, "float32"),
+                                   ("latent_storage", LatentStorage, "dtype")):
             if data.get(key, default) not in get_args(kind):
                 raise AECompressError(f"unknown autoencoder {key} {data.get(key)!r}; valid: {', '.join(get_args(kind))}")
         enc = data.get("encoder_hidden")
@@ -87,6 +100,7 @@ class AESpec:
             enforce_norm=bool(data.get("enforce_norm", True)),
             decoder=data.get("decoder", "mlp"),
             dtype=data.get("dtype", "float32"),
+            latent_storage=data.get("latent_storage", "dtype"),
         )
 
 
@@ -102,6 +116,7 @@ def spec_for_scale(
     enforce_norm: bool,
     residual_hidden: int = 32,
     dtype: StorageDtype = "float32",
+    latent_storage: LatentStorage = "dtype",
 ) -> AESpec:
     """The architecture at one integer scale ``x`` (widths are multiples of it).
 
@@ -122,7 +137,7 @@ def spec_for_scale(
         enc = tuple(max(1, round(w * scale)) for w in encoder_widths)
     else:
         enc = ()
-    return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder, dtype)
+    return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder, dtype, latent_storage)
 
 
 def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **options) -> AESpec:
@@ -182,6 +197,39 @@ def build_decoder(spec: AESpec) -> nn.Module:
     return mlp(spec.decoder_sizes(), nn.Tanh() if spec.out_activation == "tanh" else None)
 
 
+def quantize_rows(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per row and their float16 scales (an all-zero row gets scale 0).
+
+    The codes are computed against the float16-rounded scale, so decoding
+    ``codes * scale`` reproduces exactly what training saw through :func:`fake_int8`.
+    """
+    scale = (latents.detach().abs().amax(dim=1) / INT8_LEVELS).to(LATENT_SCALE_DTYPE)
+    safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.round(latents.detach().float() / safe).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 latents from int8 codes and per-row scales."""
+    return codes.float() * scale.float().unsqueeze(1)
+
+
+def fake_int8(latents: torch.Tensor) -> torch.Tensor:
+    """The int8 round trip in the forward pass, identity in the backward (straight-through).
+
+    Training then optimizes the latents the stored form will actually hold.
+    """
+    rounded = dequantize_rows(*quantize_rows(latents)).to(latents.dtype)
+    return latents + (rounded - latents).detach()
+
+
+def latent_values(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A stored form's latents as float32, whichever way they are stored."""
+    if "latent_scales" in tensors:
+        return dequantize_rows(tensors["latents"], tensors["latent_scales"])
+    return tensors["latents"].float()
+
+
 def apply_decoder(decoder: nn.Module, latents: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
     """Decode latents to rows in float32, rescaling each to its stored norm if given.
 
@@ -210,10 +258,13 @@ class GroupAutoencoder(nn.Module):
             self.latents = None
 
     def encode(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Latent codes for a batch of rows (by value, or by index for free latents)."""
-        if self.encoder is None:
-            return self.latents[index]
-        return self.encoder(rows)
+        """Latent codes for a batch of rows (by value, or by index for free latents).
+
+        With int8 latent storage the codes pass through the int8 round trip, so
+        training, validation and the stored form all see the same values.
+        """
+        latents = self.latents[index] if self.encoder is None else self.encoder(rows)
+        return fake_int8(latents) if self.spec.latent_storage == "int8" else latents
 
     def forward(self, rows: torch.Tensor, index: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct a batch of rows."""
@@ -228,7 +279,11 @@ class GroupAutoencoder(nn.Module):
         latents = self.encode(rows.float(), index).float()
         self.train(was_training)
         dtype = STORAGE_DTYPES[self.spec.dtype]
-        tensors = {"latents": latents.detach().to(dtype).contiguous()}
+        if self.spec.latent_storage == "int8":
+            codes, scales = quantize_rows(latents)
+            tensors = {"latents": codes.contiguous(), "latent_scales": scales.contiguous()}
+        else:
+            tensors = {"latents": latents.detach().to(dtype).contiguous()}
         for name, value in self.decoder.state_dict().items():
             tensors[f"decoder.{name}"] = value.detach().to(dtype).clone().contiguous()
         if self.spec.enforce_norm:

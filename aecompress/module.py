@@ -17,6 +17,7 @@ from aecompress.autoencoder import (
     DecoderKind,
     EncoderKind,
     GroupAutoencoder,
+    LatentStorage,
     OutActivation,
     StorageDtype,
     solve_spec,
@@ -66,6 +67,10 @@ class CompressorModule(L.LightningModule):
         storage_dtype: the dtype latents, decoder and norms are stored in. Half precision
             buys twice the numbers for the same bytes (so a larger latent size); training runs
             in float32 and the stored values are rounded once, at export.
+        latent_storage: ``dtype`` keeps latents in ``storage_dtype``; ``int8`` stores each
+            latent row as int8 codes with one float16 scale, about half the bytes of float16,
+            so the budget buys a larger latent size. Training sees the int8 round trip
+            (straight-through), so what is validated is what is stored.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -87,6 +92,7 @@ class CompressorModule(L.LightningModule):
         residual_hidden: int = 32,
         damp: float = DEFAULT_DAMP,
         storage_dtype: StorageDtype = "float32",
+        latent_storage: LatentStorage = "dtype",
         cache_teacher: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -121,6 +127,7 @@ class CompressorModule(L.LightningModule):
             enforce_norm=enforce_norm,
             residual_hidden=residual_hidden,
             dtype=storage_dtype,
+            latent_storage=latent_storage,
         )
         self.specs: dict[str, AESpec] = {
             g.name: solve_spec(g.name, g.rows, g.width, self.budgets[g.name], self.target_ratio, **options)
@@ -139,7 +146,8 @@ class CompressorModule(L.LightningModule):
             stored = spec.stored_bytes(g.rows)
             log.info(
                 "group %s: latent %d, decoder %s, stored %d bytes in %s (budget %d), ratio %.3f (target %.3f)",
-                g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype, self.budgets[g.name],
+                g.name, spec.latent, spec.decoder_sizes(), stored,
+                spec.dtype + (" (latents int8)" if spec.latent_storage == "int8" else ""), self.budgets[g.name],
                 original_bytes(g.rows, g.width) / stored, self.target_ratio,
             )
 

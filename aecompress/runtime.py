@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecompress.autoencoder import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder
+from aecompress.autoencoder import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder, latent_values
 from aecompress.baselines import index_dtype, pack_bits, unpack_bits
 from aecompress.errors import AECompressError
 from aecompress.stored import StoredForm
@@ -350,7 +350,9 @@ def build_autoencoder(form: StoredForm, member_rows: list[int]) -> Built:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise AECompressError(f"group {form.group.name!r}: stored decoder does not match its spec: {err}") from err
-    latents = form.tensors["latents"].split(member_rows)
+    # int8 latents are widened once here (float32), not per forward pass.
+    stored = latent_values(form.tensors) if "latent_scales" in form.tensors else form.tensors["latents"]
+    latents = stored.split(member_rows)
     norms = form.tensors["norms"].split(member_rows) if spec.enforce_norm else [None] * len(member_rows)
     sources = [AERows(lat.clone(), None if nrm is None else nrm.clone(), decoder, spec.width)
                for lat, nrm in zip(latents, norms)]

@@ -68,3 +68,47 @@ def test_half_precision_storage_buys_a_larger_latent_at_the_same_bytes(dtype, si
     assert all(t.element_size() == size for t in tensors.values())
     assert stored_bytes(tensors) == spec.stored_bytes(rows) <= budget_bytes(rows, width, ratio)
     assert spec.latent >= 2 * full.latent - 1 if size == 2 else spec.latent == full.latent
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("enforce_norm", [False, True])
+def test_int8_latents_are_counted_at_one_byte_plus_a_scale_per_row(dtype, enforce_norm):
+    rows, width, ratio = 2304, 384, 10.0
+    options = {**OPTIONS, "encoder": "free", "decoder": "linear", "out_activation": "none",
+               "enforce_norm": enforce_norm, "dtype": dtype}
+    budget = budget_bytes(rows, width, ratio)
+    spec = solve_spec("g", rows, width, budget, ratio, **options, latent_storage="int8")
+    same = solve_spec("g", rows, width, budget, ratio, **options)
+    tensors = GroupAutoencoder(spec, rows).stored_tensors(torch.randn(rows, width))
+    assert tensors["latents"].dtype == torch.int8 and tensors["latents"].shape == (rows, spec.latent)
+    assert tensors["latent_scales"].dtype == torch.float16 and tensors["latent_scales"].shape == (rows,)
+    assert stored_bytes(tensors) == spec.stored_bytes(rows) <= budget
+    assert stored_numbers(tensors) == spec.stored_numbers(rows)
+    assert spec.latent > same.latent  # the point of int8: more rank for the same bytes
+
+
+def test_int8_latents_decode_to_what_training_saw():
+    from aecompress.autoencoder import fake_int8, latent_values
+    from aecompress.groups import WeightGroup
+    from aecompress.stored import StoredForm, decode
+
+    rows, width = 64, 32
+    options = {**OPTIONS, "encoder": "free", "decoder": "linear", "out_activation": "none", "enforce_norm": False}
+    spec = solve_spec("g", rows, width, budget_bytes(rows, width, 2.0), 2.0, **options, latent_storage="int8")
+    ae = GroupAutoencoder(spec, rows)
+    with torch.no_grad():
+        ae.latents[5] = 0  # a zero row: scale 0, no NaN
+    trained = ae(torch.zeros(rows, width), torch.arange(rows), None)
+    tensors = ae.stored_tensors(torch.zeros(rows, width))
+    latents = latent_values(tensors)
+    assert torch.isfinite(latents).all() and torch.count_nonzero(latents[5]) == 0
+    # Quantization error is bounded by half a step of each row's scale.
+    step = tensors["latent_scales"].float().unsqueeze(1)
+    assert ((latents - ae.latents.detach()).abs() <= step / 2 + 1e-6).all()
+    assert not torch.equal(latents, ae.latents.detach())
+    form = StoredForm("ae", WeightGroup("g", "g", (), rows, width), tensors, {"spec": spec.to_dict()})
+    torch.testing.assert_close(decode(form), trained.detach(), rtol=0, atol=1e-5)
+    # The round trip passes gradients straight through.
+    z = torch.randn(4, 8, requires_grad=True)
+    fake_int8(z).sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))

@@ -138,3 +138,24 @@ def test_half_precision_storage_exports_exactly(tmp_path, tiny_dirs):
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
+
+
+def test_int8_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs):
+    fit_and_export(tmp_path, tiny_dirs["llama"], ["k_proj"],
+                   **{"data.ratio": 2.0, "model.encoder": "free", "model.decoder": "linear",
+                      "model.out_activation": "none", "model.enforce_norm": False, "model.storage_dtype": "float16",
+                      "model.latent_storage": "int8"})
+    meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
+    dtypes = {name: t["dtype"] for g in meta["groups"] for name, t in g["tensors"].items()}
+    assert dtypes["latents"] == "int8" and dtypes["latent_scales"] == "float16"
+    assert meta["achieved_ratio"] >= 2.0
+    decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
+    compact = aecompress.load_compact(tmp_path / "compact").state_dict()
+    assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
+    from aecompress.runtime import load_runtime
+
+    runtime = load_runtime(tmp_path / "compact")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)

@@ -64,11 +64,13 @@ def _group(members: int, rows_each: int, width: int) -> WeightGroup:
 @given(
     rows=st.integers(1, 80), width=st.integers(1, 48), ratio=ratios,
     encoder=st.sampled_from(["mlp", "linear", "free"]), decoder=st.sampled_from(["mlp", "linear", "residual"]),
-    enforce_norm=st.booleans(), storage=st.sampled_from(["float32", "float16", "bfloat16"]), seed=st.integers(0, 99),
+    enforce_norm=st.booleans(), storage=st.sampled_from(["float32", "float16", "bfloat16"]),
+    latents=st.sampled_from(["dtype", "int8"]), seed=st.integers(0, 99),
 )
-def test_autoencoder_never_exceeds_its_budget(rows, width, ratio, encoder, decoder, enforce_norm, storage, seed):
+def test_autoencoder_never_exceeds_its_budget(rows, width, ratio, encoder, decoder, enforce_norm, storage, latents,
+                                              seed):
     group = _group(1, rows, width)
-    extra = {STORAGE: storage} if STORAGE else {}
+    extra = {STORAGE: storage, "latent_storage": latents} if STORAGE else {}
     try:
         module = CompressorModule(
             groups=[{**group.to_dict(), "ratio": ratio}], encoder=encoder, decoder=decoder,
