@@ -17,6 +17,7 @@ from torch import nn
 
 from aecompress.budget import infeasible_bytes, largest_fitting
 from aecompress.errors import AECompressError
+from aecompress.rowquant import SCALE_DTYPE, fake_int8, quantize_rows
 
 EncoderKind = Literal["mlp", "linear", "free"]
 DecoderKind = Literal["mlp", "linear", "residual"]
@@ -24,11 +25,8 @@ OutActivation = Literal["tanh", "none"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # ``dtype``: latents kept like the decoder. ``int8``: each latent row as int8 codes times one
-# float16 scale (symmetric, absmax / 127): about half the bytes of float16 latents, so a
-# larger latent size (rank) fits the same budget.
+# float16 scale (see :mod:`aecompress.rowquant`), so a larger latent size fits the same budget.
 LatentStorage = Literal["dtype", "int8"]
-LATENT_SCALE_DTYPE = torch.float16
-INT8_LEVELS = 127
 
 # Norm division guard: a zero-norm row decodes to zero instead of NaN.
 NORM_EPS = 1e-12
@@ -71,7 +69,7 @@ class AESpec:
         item = STORAGE_DTYPES[self.dtype].itemsize
         rest = self.decoder_numbers() + (rows if self.enforce_norm else 0)
         if self.latent_storage == "int8":
-            return rows * self.latent + rows * LATENT_SCALE_DTYPE.itemsize + rest * item
+            return rows * self.latent + rows * SCALE_DTYPE.itemsize + rest * item
         return (rows * self.latent + rest) * item
 
     def to_dict(self) -> dict:
@@ -197,39 +195,6 @@ def build_decoder(spec: AESpec) -> nn.Module:
     return mlp(spec.decoder_sizes(), nn.Tanh() if spec.out_activation == "tanh" else None)
 
 
-def quantize_rows(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes per row and their float16 scales (an all-zero row gets scale 0).
-
-    The codes are computed against the float16-rounded scale, so decoding
-    ``codes * scale`` reproduces exactly what training saw through :func:`fake_int8`.
-    """
-    scale = (latents.detach().abs().amax(dim=1) / INT8_LEVELS).to(LATENT_SCALE_DTYPE)
-    safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.round(latents.detach().float() / safe).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-    return codes, scale
-
-
-def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Float32 latents from int8 codes and per-row scales."""
-    return codes.float() * scale.float().unsqueeze(1)
-
-
-def fake_int8(latents: torch.Tensor) -> torch.Tensor:
-    """The int8 round trip in the forward pass, identity in the backward (straight-through).
-
-    Training then optimizes the latents the stored form will actually hold.
-    """
-    rounded = dequantize_rows(*quantize_rows(latents)).to(latents.dtype)
-    return latents + (rounded - latents).detach()
-
-
-def latent_values(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A stored form's latents as float32, whichever way they are stored."""
-    if "latent_scales" in tensors:
-        return dequantize_rows(tensors["latents"], tensors["latent_scales"])
-    return tensors["latents"].float()
-
-
 def apply_decoder(decoder: nn.Module, latents: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
     """Decode latents to rows in float32, rescaling each to its stored norm if given.
 
@@ -281,7 +246,7 @@ class GroupAutoencoder(nn.Module):
         dtype = STORAGE_DTYPES[self.spec.dtype]
         if self.spec.latent_storage == "int8":
             codes, scales = quantize_rows(latents)
-            tensors = {"latents": codes.contiguous(), "latent_scales": scales.contiguous()}
+            tensors = {"latents": codes.contiguous(), "latents_scales": scales.contiguous()}
         else:
             tensors = {"latents": latents.detach().to(dtype).contiguous()}
         for name, value in self.decoder.state_dict().items():

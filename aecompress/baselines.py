@@ -39,6 +39,7 @@ from aecompress.calibration import GroupStats
 from aecompress.errors import AECompressError
 from aecompress.factorize import Factorization, whitening
 from aecompress.groups import WeightGroup
+from aecompress.rowquant import SCALE_DTYPE, SCALES_SUFFIX, quantize_rows, stored_values
 from aecompress.stored import StoredForm, register
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ Sharing = Literal["group", "layer"]
 Allocation = Literal["uniform", "greedy"]
 Normalize = Literal["member", "group"]
 FloatDtype = Literal["float32", "float16", "bfloat16"]
+Codes = Literal["dtype", "int8"]
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,11 +71,15 @@ def _meta(ratio: float, budget: int, **extra) -> dict:
 
 
 def _ranks(
-    blocks: list[Factorization], width: int, budget: int, item: int, allocation: str
+    blocks: list[Factorization], width: int, budget: int, item: int, allocation: str, code_item: int
 ) -> list[int] | None:
-    """Ranks per block whose factors fit the budget; None if rank 1 everywhere does not."""
+    """Ranks per block whose factors fit the budget; None if rank 1 everywhere does not.
+
+    A rank costs one code per row (``code_item`` bytes each) plus one basis row of
+    ``width`` numbers (``item`` bytes each).
+    """
     caps = [min(b.rows, width) for b in blocks]
-    unit = [(b.rows + width) * item for b in blocks]
+    unit = [b.rows * code_item + width * item for b in blocks]
     uniform = largest_fitting(lambda r: r * sum(unit), budget, min(caps))
     if uniform is None:
         return None
@@ -121,24 +127,40 @@ def _factorize(
     chols: list[torch.Tensor | None],
     extra: dict,
     stats: GroupStats | None,
+    codes: str = "dtype",
 ) -> StoredForm:
-    """Shared by svd, fwsvd and whitened_svd: choose ranks, then store ``A`` and ``B`` factors."""
+    """Shared by svd, fwsvd and whitened_svd: choose ranks, then store ``A`` and ``B`` factors.
+
+    With ``codes="int8"``, ``A`` (one row of codes per weight row) is stored as int8 with a
+    float16 scale per row (:mod:`aecompress.rowquant`); ``B`` stays in ``dtype``.
+    """
     store = _float(dtype, group, method)
+    int8 = _choice(codes, ("dtype", "int8"), "codes", group, method) == "int8"
     item = torch.empty((), dtype=store).element_size()
+    code_item = 1 if int8 else item
     budget = budget_bytes(group.rows, group.width, ratio)
     w = rows.double()
     parts = [w] if sharing == "group" else _member_slices(group, w, stats)
     blocks = [Factorization(part, scale, chol) for part, scale, chol in zip(parts, row_scales, chols)]
-    ranks = _ranks(blocks, group.width, budget, item, allocation)
+    fixed = group.rows * SCALE_DTYPE.itemsize if int8 else 0
+    ranks = _ranks(blocks, group.width, budget - fixed, item, allocation, code_item)
     if ranks is None:
-        smallest = sum((b.rows + group.width) * item for b in blocks)
-        raise infeasible_bytes(group.name, group.rows, group.width, ratio, smallest, f"{method} rank 1 ({dtype})")
+        smallest = fixed + sum(b.rows * code_item + group.width * item for b in blocks)
+        raise infeasible_bytes(group.name, group.rows, group.width, ratio, smallest,
+                               f"{method} rank 1 ({dtype}{', int8 codes' if int8 else ''})")
     tensors: dict[str, torch.Tensor] = {}
     for i, (block, rank) in enumerate(zip(blocks, ranks)):
-        a, b = block.factors(rank, store)
         suffix = "" if sharing == "group" else f".{i}"
-        tensors[f"A{suffix}"], tensors[f"B{suffix}"] = a, b
-    meta = _meta(ratio, budget, sharing=sharing, ranks=ranks, rows=[b.rows for b in blocks], dtype=dtype, **extra)
+        if int8:
+            a, b = block.factors(rank, torch.float32)
+            tensors[f"A{suffix}"], tensors[f"A{suffix}{SCALES_SUFFIX}"] = quantize_rows(a)
+            b = b.to(store)
+        else:
+            a, b = block.factors(rank, store)
+            tensors[f"A{suffix}"] = a
+        tensors[f"B{suffix}"] = b
+    meta = _meta(ratio, budget, sharing=sharing, ranks=ranks, rows=[b.rows for b in blocks], dtype=dtype,
+                 codes=codes, **extra)
     return StoredForm(method, group, tensors, meta)
 
 
@@ -156,6 +178,7 @@ def compress_svd(
     sharing: Sharing = "group",
     allocation: Allocation = "uniform",
     dtype: FloatDtype = "float32",
+    codes: Codes = "dtype",
 ) -> StoredForm:
     """Truncated SVD at the largest rank that fits.
 
@@ -165,10 +188,13 @@ def compress_svd(
         allocation: with ``sharing="layer"``, ``uniform`` gives every member the
             same rank; ``greedy`` spends the budget where singular values are largest.
         dtype: the stored dtype of the factors (counted at its size).
+        codes: ``int8`` stores ``A`` (a row of codes per weight row) as int8 with a
+            float16 scale per row, buying a higher rank for the same bytes.
     """
     blocks = _block_count(group, sharing, "svd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "svd")
-    return _factorize("svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, [None] * blocks, {}, stats)
+    return _factorize("svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, [None] * blocks, {}, stats,
+                      codes)
 
 
 def _fisher_scale(c: torch.Tensor, group: WeightGroup) -> torch.Tensor:
@@ -192,6 +218,7 @@ def compress_fwsvd(
     allocation: Allocation = "uniform",
     normalize: Normalize = "member",
     dtype: FloatDtype = "float32",
+    codes: Codes = "dtype",
 ) -> StoredForm:
     """Fisher-weighted SVD: ``SVD(diag(c) W)`` then ``diag(1/c)``, with ``c`` from ``stats.fisher``.
 
@@ -203,6 +230,7 @@ def compress_fwsvd(
             budget between layers (per-matrix FWSVD is blind to that scale
             anyway); ``group`` keeps the raw Fisher scale across stacked layers.
         dtype: the stored dtype of the factors.
+        codes: ``int8`` stores ``A`` as int8 with a float16 scale per row.
     """
     blocks = _block_count(group, sharing, "fwsvd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "fwsvd")
@@ -220,7 +248,8 @@ def compress_fwsvd(
         scales = [torch.cat(scales)] if blocks == 1 else scales
     else:
         scales = [_fisher_scale(weights, group)]
-    return _factorize("fwsvd", group, rows, ratio, sharing, allocation, dtype, scales, [None] * blocks, {}, stats)
+    return _factorize("fwsvd", group, rows, ratio, sharing, allocation, dtype, scales, [None] * blocks, {}, stats,
+                      codes)
 
 
 def compress_whitened_svd(
@@ -233,6 +262,7 @@ def compress_whitened_svd(
     allocation: Allocation = "uniform",
     damp: float = 1e-3,
     dtype: FloatDtype = "float32",
+    codes: Codes = "dtype",
 ) -> StoredForm:
     """Whitened (data-aware) SVD: ``trunc_r(W L) L⁻¹`` with ``L Lᵀ`` the input covariance.
 
@@ -245,6 +275,7 @@ def compress_whitened_svd(
         damp: ridge added to the covariance, relative to its mean diagonal. At
             least 1e-2 is used when there are fewer tokens than input dimensions.
         dtype: the stored dtype of the factors.
+        codes: ``int8`` stores ``A`` as int8 with a float16 scale per row.
     """
     blocks = _block_count(group, sharing, "whitened_svd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "whitened_svd")
@@ -266,7 +297,7 @@ def compress_whitened_svd(
     chols = [w[0] for w in whitened]
     used = max(w[1] for w in whitened)
     return _factorize("whitened_svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, chols,
-                      {"damp": used, "tokens": stats.tokens}, stats)
+                      {"damp": used, "tokens": stats.tokens}, stats, codes)
 
 
 @register("svd")
@@ -277,9 +308,9 @@ def decode_factors(stored: StoredForm) -> torch.Tensor:
     """``A @ B`` in float32, stacking members for per-layer factors."""
     t = stored.tensors
     if "A" in t:
-        return t["A"].float() @ t["B"].float()
+        return stored_values(t, "A") @ t["B"].float()
     count = len(stored.meta["ranks"])
-    return torch.cat([t[f"A.{i}"].float() @ t[f"B.{i}"].float() for i in range(count)])
+    return torch.cat([stored_values(t, f"A.{i}") @ t[f"B.{i}"].float() for i in range(count)])
 
 
 # --- pruning -------------------------------------------------------------------------------------

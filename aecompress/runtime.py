@@ -47,9 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecompress.autoencoder import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder, latent_values
+from aecompress.autoencoder import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder
 from aecompress.baselines import index_dtype, pack_bits, unpack_bits
 from aecompress.errors import AECompressError
+from aecompress.rowquant import SCALES_SUFFIX, stored_values
 from aecompress.stored import StoredForm
 
 # --- the decode cache ----------------------------------------------------------------------------
@@ -350,9 +351,7 @@ def build_autoencoder(form: StoredForm, member_rows: list[int]) -> Built:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise AECompressError(f"group {form.group.name!r}: stored decoder does not match its spec: {err}") from err
-    # int8 latents are widened once here (float32), not per forward pass.
-    stored = latent_values(form.tensors) if "latent_scales" in form.tensors else form.tensors["latents"]
-    latents = stored.split(member_rows)
+    latents = _codes(form.tensors, "latents").split(member_rows)
     norms = form.tensors["norms"].split(member_rows) if spec.enforce_norm else [None] * len(member_rows)
     sources = [AERows(lat.clone(), None if nrm is None else nrm.clone(), decoder, spec.width)
                for lat, nrm in zip(latents, norms)]
@@ -367,14 +366,19 @@ def build_factors(form: StoredForm, member_rows: list[int]) -> Built:
     t = form.tensors
     if "A" in t:
         basis = Basis(t["B"].clone())
-        return [basis], [FactorRows(a.clone(), basis) for a in t["A"].split(member_rows)]
+        return [basis], [FactorRows(a.clone(), basis) for a in _codes(t, "A").split(member_rows)]
     count = len(form.meta["ranks"])
     if count != len(member_rows):
         raise AECompressError(
             f"group {form.group.name!r} stores {count} factor pairs for {len(member_rows)} matrices; it cannot run per layer"
         )
     bases = [Basis(t[f"B.{i}"].clone()) for i in range(count)]
-    return bases, [FactorRows(t[f"A.{i}"].clone(), b) for i, b in enumerate(bases)]
+    return bases, [FactorRows(_codes(t, f"A.{i}").clone(), b) for i, b in enumerate(bases)]
+
+
+def _codes(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """Stored codes as they run: int8 codes are widened once to float32 here, not per forward pass."""
+    return stored_values(tensors, key) if key + SCALES_SUFFIX in tensors else tensors[key]
 
 
 def _bit_slice(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aecompress.autoencoder import AESpec, apply_decoder, build_decoder, latent_values
+from aecompress.autoencoder import AESpec, apply_decoder, build_decoder
 from aecompress.budget import original_bytes, stored_bytes, stored_numbers
 from aecompress.errors import AECompressError
 from aecompress.groups import WeightGroup
+from aecompress.rowquant import stored_values
 
 
 @dataclass
@@ -88,7 +89,7 @@ def decode_autoencoder(stored: StoredForm) -> torch.Tensor:
     except RuntimeError as err:
         raise AECompressError(f"group {stored.group.name!r}: stored decoder does not match its spec: {err}") from err
     norms = stored.tensors.get("norms") if spec.enforce_norm else None
-    return apply_decoder(decoder.float().eval(), latent_values(stored.tensors), norms)
+    return apply_decoder(decoder.float().eval(), stored_values(stored.tensors, "latents"), norms)
 
 
 # The baselines register their decoders on import; importing them here means any

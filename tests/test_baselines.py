@@ -246,6 +246,24 @@ def test_low_precision_factors_are_counted_at_their_size(tiny_stats, dtype, item
     assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) < form.bytes + (group.rows + group.width) * item
 
 
+@pytest.mark.parametrize("dtype,item", [("float32", 4), ("float16", 2)])
+def test_int8_codes_buy_rank_at_one_byte_per_code_plus_a_row_scale(tiny_stats, dtype, item):
+    model, groups, _ = tiny_stats["gpt2"]
+    group = next(g for g in groups if g.name == "mlp_fc")
+    rows = extract_rows(model, group)
+    plain = compress("svd", group, rows, 4.0, dtype=dtype)
+    form = compress("svd", group, rows, 4.0, dtype=dtype, codes="int8")
+    rank = form.meta["ranks"][0]
+    assert form.tensors["A"].dtype == torch.int8 and form.tensors["A_scales"].dtype == torch.float16
+    assert form.bytes == rank * (group.rows + group.width * item) + 2 * group.rows
+    assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) and rank > plain.meta["ranks"][0]
+    # The codes are the rank-r factor rounded per row: the error stays within half a step.
+    exact = compress("svd", group, rows, 1.0001, dtype="float32")
+    a = exact.tensors["A"][:, :rank].float()
+    step = form.tensors["A_scales"].float().unsqueeze(1)
+    assert ((form.tensors["A"].float() * step - a).abs() <= step / 2 + 1e-5).all()
+
+
 @pytest.mark.parametrize("family", list(MODULES))
 @pytest.mark.parametrize("method", METHODS)
 def test_decoded_and_compact_exports_round_trip_bit_exactly(tiny_stats, tiny_dirs, tmp_path, family, method):

@@ -81,15 +81,15 @@ def test_int8_latents_are_counted_at_one_byte_plus_a_scale_per_row(dtype, enforc
     same = solve_spec("g", rows, width, budget, ratio, **options)
     tensors = GroupAutoencoder(spec, rows).stored_tensors(torch.randn(rows, width))
     assert tensors["latents"].dtype == torch.int8 and tensors["latents"].shape == (rows, spec.latent)
-    assert tensors["latent_scales"].dtype == torch.float16 and tensors["latent_scales"].shape == (rows,)
+    assert tensors["latents_scales"].dtype == torch.float16 and tensors["latents_scales"].shape == (rows,)
     assert stored_bytes(tensors) == spec.stored_bytes(rows) <= budget
     assert stored_numbers(tensors) == spec.stored_numbers(rows)
     assert spec.latent > same.latent  # the point of int8: more rank for the same bytes
 
 
 def test_int8_latents_decode_to_what_training_saw():
-    from aecompress.autoencoder import fake_int8, latent_values
     from aecompress.groups import WeightGroup
+    from aecompress.rowquant import fake_int8, stored_values
     from aecompress.stored import StoredForm, decode
 
     rows, width = 64, 32
@@ -100,10 +100,10 @@ def test_int8_latents_decode_to_what_training_saw():
         ae.latents[5] = 0  # a zero row: scale 0, no NaN
     trained = ae(torch.zeros(rows, width), torch.arange(rows), None)
     tensors = ae.stored_tensors(torch.zeros(rows, width))
-    latents = latent_values(tensors)
+    latents = stored_values(tensors, "latents")
     assert torch.isfinite(latents).all() and torch.count_nonzero(latents[5]) == 0
     # Quantization error is bounded by half a step of each row's scale.
-    step = tensors["latent_scales"].float().unsqueeze(1)
+    step = tensors["latents_scales"].float().unsqueeze(1)
     assert ((latents - ae.latents.detach()).abs() <= step / 2 + 1e-6).all()
     assert not torch.equal(latents, ae.latents.detach())
     form = StoredForm("ae", WeightGroup("g", "g", (), rows, width), tensors, {"spec": spec.to_dict()})

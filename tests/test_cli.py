@@ -147,7 +147,7 @@ def test_int8_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs):
                       "model.latent_storage": "int8"})
     meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
     dtypes = {name: t["dtype"] for g in meta["groups"] for name, t in g["tensors"].items()}
-    assert dtypes["latents"] == "int8" and dtypes["latent_scales"] == "float16"
+    assert dtypes["latents"] == "int8" and dtypes["latents_scales"] == "float16"
     assert meta["achieved_ratio"] >= 2.0
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()

@@ -101,14 +101,14 @@ def _stats(members: int, rows_each: int, width: int, seed: int) -> GroupStats:
 @given(
     method=st.sampled_from(list(COMPRESSORS)), members=st.integers(1, 3), rows_each=st.integers(1, 24),
     width=st.integers(1, 24), ratio=ratios, sharing=st.sampled_from(["group", "layer"]),
-    dtype=st.sampled_from(["float32", "float16"]), seed=st.integers(0, 99),
+    dtype=st.sampled_from(["float32", "float16"]), codes=st.sampled_from(["dtype", "int8"]), seed=st.integers(0, 99),
 )
-def test_baselines_never_exceed_the_budget(method, members, rows_each, width, ratio, sharing, dtype, seed):
+def test_baselines_never_exceed_the_budget(method, members, rows_each, width, ratio, sharing, dtype, codes, seed):
     group = _group(members, rows_each, width)
     w = torch.randn(group.rows, width, generator=torch.Generator().manual_seed(seed))
     opts = {"dtype": dtype}
     if method in ("svd", "fwsvd", "whitened_svd"):
-        opts["sharing"] = sharing
+        opts.update(sharing=sharing, codes=codes)
     stats = _stats(members, rows_each, width, seed) if method in ("fwsvd", "whitened_svd") else None
     try:
         form = compress(method, group, w, ratio, stats, **opts)
