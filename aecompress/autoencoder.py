@@ -17,7 +17,7 @@ from torch import nn
 
 from aecompress.budget import infeasible_bytes, largest_fitting
 from aecompress.errors import AECompressError
-from aecompress.rowquant import SCALE_DTYPE, fake_int8, quantize_rows
+from aecompress.rowquant import SCALE_DTYPE, SCALES_SUFFIX, fake_int8, quantize_rows
 
 EncoderKind = Literal["mlp", "linear", "free"]
 DecoderKind = Literal["mlp", "linear", "residual"]
@@ -246,7 +246,7 @@ class GroupAutoencoder(nn.Module):
         dtype = STORAGE_DTYPES[self.spec.dtype]
         if self.spec.latent_storage == "int8":
             codes, scales = quantize_rows(latents)
-            tensors = {"latents": codes.contiguous(), "latents_scales": scales.contiguous()}
+            tensors = {"latents": codes.contiguous(), "latents" + SCALES_SUFFIX: scales.contiguous()}
         else:
             tensors = {"latents": latents.detach().to(dtype).contiguous()}
         for name, value in self.decoder.state_dict().items():

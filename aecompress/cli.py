@@ -129,7 +129,7 @@ class AECompressCLI(LightningCLI):
             )
         config["weights_only"] = True
         if self.subcommand == "fit" and not any(isinstance(c, FitTimer) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(FitTimer())
+            self.trainer.callbacks.insert(0, FitTimer())  # first: checkpoint saving is not validation
 
     before_validate = before_fit
 

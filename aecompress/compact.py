@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aecompress.errors import AECompressError
-from aecompress.export import COMPRESSED, FORMAT_VERSION, REMAINING, SIDECAR, sha256
+from aecompress.export import COMPRESSED, REMAINING, SIDECAR, SUPPORTED_VERSIONS, sha256
 from aecompress.groups import WeightGroup, assign_rows
 from aecompress.loading import auto_class, read_json
 from aecompress.stored import DECODERS, StoredForm, decode
@@ -34,8 +34,11 @@ def read_sidecar(directory: Path) -> dict:
             f"{str(directory)!r} holds format {meta.get('format')!r}, not a compact export; "
             "load a decoded export with transformers' from_pretrained"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AECompressError(f"compact format version {meta.get('format_version')!r} is not supported")
+    if meta.get("format_version") not in SUPPORTED_VERSIONS:
+        raise AECompressError(
+            f"compact format version {meta.get('format_version')!r} is not supported (this aecompress reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade aecompress"
+        )
     expected = {"groups": list, "auto_class": str, "checksums": dict}
     wrong = [key for key, kind in expected.items() if not isinstance(meta.get(key), kind)]
     if wrong:

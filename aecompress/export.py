@@ -25,12 +25,17 @@ from aecompress.atomic import atomic_directory, check_target
 from aecompress.budget import original_bytes
 from aecompress.groups import assign_rows, extract_rows
 from aecompress.loading import sha256
+from aecompress.rowquant import SCALES_SUFFIX
 from aecompress.stored import StoredForm, decode
 
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["decoded", "compact"]
-FORMAT_VERSION = 1
+# Version 2 adds int8 codes with ``*_scales`` tensors. An export holding them says 2, so a
+# reader that predates them refuses it instead of decoding raw codes as values; exports
+# without them still say 1 and stay readable by older versions.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 SIDECAR = "aecompress.json"
 COMPRESSED = "compressed.safetensors"
 REMAINING = "remaining.safetensors"
@@ -69,7 +74,7 @@ def sidecar(
     stored_b = sum(f.bytes for f in forms.values())
     return {
         "format": f"aecompress-{fmt}",
-        "format_version": FORMAT_VERSION,
+        "format_version": _version(forms),
         "aecompress_version": __version__,
         "source_model": model_name,
         "source": source,
@@ -92,6 +97,12 @@ def sidecar(
             for f in forms.values()
         ],
     }
+
+
+def _version(forms: dict[str, StoredForm]) -> int:
+    """The oldest format version that can hold these forms."""
+    int8 = any(k.endswith(SCALES_SUFFIX) for f in forms.values() for k in f.tensors)
+    return FORMAT_VERSION if int8 else 1
 
 
 def _write_json(path: Path, data: dict) -> None:

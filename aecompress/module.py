@@ -70,7 +70,7 @@ class CompressorModule(L.LightningModule):
         latent_storage: ``dtype`` keeps latents in ``storage_dtype``; ``int8`` stores each
             latent row as int8 codes with one float16 scale, about half the bytes of float16,
             so the budget buys a larger latent size. Training sees the int8 round trip
-            (straight-through), so what is validated is what is stored.
+            (straight-through), so the latents validated are the latents stored.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -288,7 +288,7 @@ class CompressorModule(L.LightningModule):
         path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
         problems = []
         if SIGNATURE in checkpoint:
-            problems = _differences(checkpoint[SIGNATURE], self.signature())
+            problems = _differences(_normalized(checkpoint[SIGNATURE]), self.signature())
         problems = problems or _state_problems(self.state_dict(), checkpoint.get("state_dict", {}))
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -330,6 +330,21 @@ def load_weights(module: CompressorModule, ckpt_path: str) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise AECompressError(f"checkpoint {ckpt_path!r} does not fit this config and model: {problems[0]}{more}")
     module.load_state_dict(state)
+
+
+def _normalized(signature: dict) -> dict:
+    """A saved signature with its specs read as today's :class:`AESpec` (fields added later take their defaults).
+
+    A checkpoint from before a spec field existed (e.g. ``latent_storage``) then resumes
+    as long as it agrees on everything it did record.
+    """
+    specs = signature.get("specs")
+    if not isinstance(specs, dict):
+        return signature
+    try:
+        return {**signature, "specs": {name: AESpec.from_dict(spec).to_dict() for name, spec in specs.items()}}
+    except (AECompressError, KeyError, TypeError, ValueError):
+        return signature  # let the comparison name the difference
 
 
 def _state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:

@@ -85,7 +85,7 @@ def train_recipe(
             save_config_kwargs={"overwrite": True}, run=False, args=["--config", str(run_dir / "recipe.yaml")],
         )
     timer = FitTimer()
-    cli.trainer.callbacks.append(timer)
+    cli.trainer.callbacks.insert(0, timer)
     cli.trainer.fit(cli.model, cli.datamodule)
     log.info("%s", timer.summary())
     (run_dir / "fit_seconds.json").write_text(json.dumps(timer.phases(), indent=1))

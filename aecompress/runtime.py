@@ -7,7 +7,8 @@ A row source keeps only what the stored form keeps (latents, norms and a
 reference to the group's decoder; two factors; kept values and their
 positions; packed codes and scales), so the model lives in memory at its
 compressed size and trains in that form: gradients reach every float stored
-tensor.
+tensor. The exception: int8 latents and factor codes are widened to float32
+once at load, so they train like any parameter (at 4 bytes per code).
 
 Why stand-in modules and not ``torch.nn.utils.parametrize``: a parametrization
 still forms the full weight on every call and hands it to the owner's

@@ -135,6 +135,7 @@ def test_half_precision_storage_exports_exactly(tmp_path, tiny_dirs):
     meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
     assert {t["dtype"] for g in meta["groups"] for t in g["tensors"].values()} == {"float16"}
     assert meta["achieved_ratio"] >= 2.0 and meta["stored_bytes"] == 2 * meta["stored_numbers"]
+    assert meta["format_version"] == 1  # nothing new inside: still readable by older versions
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
@@ -148,7 +149,7 @@ def test_int8_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs):
     meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
     dtypes = {name: t["dtype"] for g in meta["groups"] for name, t in g["tensors"].items()}
     assert dtypes["latents"] == "int8" and dtypes["latents_scales"] == "float16"
-    assert meta["achieved_ratio"] >= 2.0
+    assert meta["achieved_ratio"] >= 2.0 and meta["format_version"] == 2  # older readers refuse, not misread
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)

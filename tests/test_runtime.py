@@ -11,6 +11,7 @@ from torch import nn
 from aecompress import runtime
 from aecompress.baselines import compress
 from aecompress.calibration import collect
+from aecompress.cli import main
 from aecompress.compact import load_compact
 from aecompress.errors import AECompressError
 from aecompress.export import export
@@ -125,10 +126,12 @@ def test_per_layer_factors_run(tmp_path, method):
     assert_runs_like_decoded(_baseline_export(tmp_path, "gpt2", method, sharing="layer", allocation="greedy"))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("sharing", ["group", "layer"])
-def test_int8_codes_run_like_decoded(tmp_path, sharing):
+def test_int8_codes_run_like_decoded(tmp_path, sharing, dtype):
     # int8 codes are widened to float32 once at load, so only the outputs are compared, not resident bytes.
-    directory = _baseline_export(tmp_path, "llama", "whitened_svd", sharing=sharing, codes="int8")
+    directory = _baseline_export(tmp_path, "llama", "whitened_svd", sharing=sharing, codes="int8", dtype=dtype)
+    main(["verify", str(directory)])
     decoded, compact = load_compact(directory), load_compact(directory, materialize=False)
     with torch.no_grad():
         torch.testing.assert_close(outputs(compact, ids()), outputs(decoded, ids()), rtol=1e-4, atol=1e-5)
