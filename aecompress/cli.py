@@ -176,7 +176,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("aecompress.benchmark", "benchmark"),
 }
 EXTRA_COMMANDS["evaluate"] = ("aecompress.evaluate", "evaluate_command")
-EXTRA_COMMANDS["runtime-bench"] = ("aecompress.runtime", "bench")
+EXTRA_COMMANDS["runtime-bench"] = ("aecompress.runtime_bench", "bench")
 EXTRA_COMMANDS["verify"] = ("aecompress.verify", "verify")
 
 

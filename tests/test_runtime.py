@@ -16,7 +16,8 @@ from aecompress.compact import load_compact
 from aecompress.errors import AECompressError
 from aecompress.export import export
 from aecompress.groups import extract_rows, select_groups
-from aecompress.runtime import AERows, CompressedEmbedding, CompressedLinear, FactorRows, resident_bytes
+from aecompress.runtime import AERows, CompressedEmbedding, CompressedLinear, FactorRows
+from aecompress.runtime_bench import resident_bytes
 from tests.conftest import TINY, build_tiny
 from tests.test_cli import fit_and_export
 
