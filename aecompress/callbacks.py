@@ -11,7 +11,7 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from aecompress import evaluate, text
 from aecompress.errors import AECompressError
@@ -38,6 +38,11 @@ class ModelQualityCallback(Callback):
         max_tokens: use only the first this many tokens of ``data``, to keep epochs cheap.
         window: tokens per sequence (default 512 for perplexity, 128 for masked LM).
         batch_size: sequences per forward pass.
+        at_start: also measure the starting point before the first step, and offer it to
+            every ``ModelCheckpoint`` that monitors one of these values, as the step-0
+            checkpoint. ``None`` (default): only when the compressor starts from a
+            factorization (``model.init`` other than ``random``), so a run selected on
+            validation can never end worse than the factorization it started from.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class ModelQualityCallback(Callback):
         max_tokens: int | None = None,
         window: int | None = None,
         batch_size: int = 4,
+        at_start: bool | None = None,
     ):
         spec = text.parse_spec(data)
         if spec.is_test:
@@ -67,6 +73,7 @@ class ModelQualityCallback(Callback):
         self.max_tokens = max_tokens
         self.window = window
         self.batch_size = batch_size
+        self.at_start = at_start
         self._tokenizer = None
         self._ids: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
@@ -101,6 +108,24 @@ class ModelQualityCallback(Callback):
         results = trainer.strategy.broadcast(results, src=0)
         for name, value in results.items():
             pl_module.log(f"val/{name}", float(value), prog_bar=True, add_dataloader_idx=False, sync_dist=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure the starting point and let checkpointing keep it if nothing later beats it."""
+        starts_from_factors = getattr(pl_module, "init_kind", "random") != "random"
+        if trainer.global_step != 0 or not (starts_from_factors if self.at_start is None else self.at_start):
+            return
+        results = self.measure(trainer, pl_module) if trainer.is_global_zero else None
+        results = trainer.strategy.broadcast(results, src=0)
+        metrics = {f"val/{name}": torch.tensor(float(value)) for name, value in results.items()}
+        log.info("before the first step: %s", ", ".join(f"{k}={float(v):.6g}" for k, v in metrics.items()))
+        trainer.callback_metrics.update(metrics)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor in metrics:
+                # ModelCheckpoint never saves before a step was taken; the step-0 candidate
+                # goes through its own top-k bookkeeping, so a later epoch replaces it only if better.
+                checkpoint._save_topk_checkpoint(trainer, {**checkpoint._monitor_candidates(trainer), **metrics})
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
