@@ -8,6 +8,7 @@ and ``EarlyStopping`` like any other logged value.
 from __future__ import annotations
 
 import logging
+import time
 
 import lightning as L
 import torch
@@ -74,6 +75,7 @@ class ModelQualityCallback(Callback):
         self.window = window
         self.batch_size = batch_size
         self.at_start = at_start
+        self.start_seconds = 0.0  # time of the before-the-first-step measurement (FitTimer counts it as validation)
         self._tokenizer = None
         self._ids: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
@@ -114,8 +116,10 @@ class ModelQualityCallback(Callback):
         starts_from_factors = getattr(pl_module, "init_kind", "random") != "random"
         if trainer.global_step != 0 or not (starts_from_factors if self.at_start is None else self.at_start):
             return
+        start = time.perf_counter()
         results = self.measure(trainer, pl_module) if trainer.is_global_zero else None
         results = trainer.strategy.broadcast(results, src=0)
+        self.start_seconds = time.perf_counter() - start
         metrics = {f"val/{name}": torch.tensor(float(value)) for name, value in results.items()}
         log.info("before the first step: %s", ", ".join(f"{k}={float(v):.6g}" for k, v in metrics.items()))
         trainer.callback_metrics.update(metrics)

@@ -22,7 +22,8 @@ class FitTimer(Callback):
     ``setup`` runs from the timer's creation (just before ``trainer.fit``) to the first
     training hook: the data module's and module's setup (calibration covariances,
     factorization inits). ``validation`` sums every validation loop, sanity check and
-    model-level callbacks included. ``training`` is the rest of the fit.
+    model-level callbacks included, plus any callback's ``start_seconds`` (a measurement
+    of the starting point before the first step). ``training`` is the rest of the fit.
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,8 @@ class FitTimer(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ended = time.perf_counter()
+        # Model-level measurements taken outside a validation loop (the start point) are validation too.
+        self.validation += sum(float(getattr(c, "start_seconds", 0.0)) for c in trainer.callbacks)
 
     def phases(self) -> dict[str, float]:
         """Seconds per phase (``setup``, ``training``, ``validation``, ``total``)."""
