@@ -101,6 +101,17 @@ def _value(text: float | str) -> float:
         return math.nan
 
 
+def _by_group(cells: dict[tuple[str, str], dict]) -> list[tuple[tuple[str, str], dict]]:
+    """Rows grouped by group (in order of first appearance), methods in order of first appearance.
+
+    A resumed benchmark appends new methods at the end of the CSV; the table still
+    reads one group at a time.
+    """
+    groups = list(dict.fromkeys(g for g, _ in cells))
+    methods = list(dict.fromkeys(m for _, m in cells))
+    return sorted(cells.items(), key=lambda item: (groups.index(item[0][0]), methods.index(item[0][1])))
+
+
 def markdown(rows: list[Row], split: str) -> str:
     """One table per metric: the original first, then group x method against target ratio."""
     ratios = sorted({_value(r.target_ratio) for r in rows if r.method != "original"} - {math.nan})
@@ -115,6 +126,8 @@ def markdown(rows: list[Row], split: str) -> str:
         if original:
             lines.append(f"| (all) | original | {_value(original[-1].value):.4g} |" + " |" * (len(ratios) - 1))
         cells: dict[tuple[str, str], dict[float, str]] = {}
+        best: dict[tuple[str, float], float] = {}
+        pick = min if metric in LOWER_IS_BETTER else max
         for r in rows:
             if r.method == "original" or r.split != split or r.metric not in (metric, "failed"):
                 continue
@@ -122,9 +135,16 @@ def markdown(rows: list[Row], split: str) -> str:
             slot = cells.setdefault((r.group, r.method), {})
             if r.metric == metric or _value(r.target_ratio) not in slot:
                 slot[_value(r.target_ratio)] = cell
-        for (group, method), by_ratio in cells.items():
-            lines.append(f"| {group} | {method} | " + " | ".join(by_ratio.get(x, "") for x in ratios) + " |")
+            if r.metric == metric and not math.isnan(_value(r.value)):
+                key = (r.group, _value(r.target_ratio))
+                best[key] = pick(best.get(key, _value(r.value)), _value(r.value))
+        for (group, method), by_ratio in _by_group(cells):
+            shown = [f"**{c}**" if c == f"{best.get((group, x), math.nan):.4g}" else c
+                     for x, c in ((x, by_ratio.get(x, "")) for x in ratios)]
+            lines.append(f"| {group} | {method} | " + " | ".join(shown) + " |")
         lines.append("")
+    if len(metrics):
+        lines += ["The best value of each group at each ratio is in bold.", ""]
     failures = [r for r in rows if r.metric == "failed"]
     if failures:
         lines += ["## Failed runs", ""]

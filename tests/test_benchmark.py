@@ -69,3 +69,16 @@ def test_unknown_method_lists_valid_ones(tiny_lm, tmp_path, capsys):
         run(tiny_lm, tmp_path, methods='[{"method": "tucker"}]')
     assert exc.value.code != 0
     assert "unknown method 'tucker'; valid:" in capsys.readouterr().err
+
+
+def test_table_reads_one_group_at_a_time_and_marks_the_best():
+    from aecompress.results import Row, markdown
+
+    def row(group, method, ratio, value):
+        return Row("m", group, method, ratio, ratio, 1, 4, "t", "perplexity", value, 0.0)
+
+    # A resumed run appends a new method after every group's rows.
+    rows = [row("a", "svd", 2, 30.0), row("b", "svd", 2, 40.0), row("a", "new", 2, 20.0), row("b", "new", 2, 50.0)]
+    table = markdown(rows, "t")
+    assert table.index("| a | new |") < table.index("| b | svd |")
+    assert "| a | new | **20** |" in table and "| b | svd | **40** |" in table and "| a | svd | 30 |" in table
