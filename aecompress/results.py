@@ -160,6 +160,7 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     measured = [r for r in rows if r.split == split and r.metric != "failed"]
@@ -186,6 +187,9 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
         if metric in LOWER_IS_BETTER:
             ax.set_yscale("log")
         ax.set_xscale("log")
+        ratios = sorted({_value(r.target_ratio) for r in measured if r.group == group and r.method != "original"})
+        ax.set_xticks(ratios, [f"{x:g}" for x in ratios])  # the measured ratios, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("compression ratio (float32 bytes / stored bytes)")
         ax.set_ylabel(metric)
         ax.set_title(group)
