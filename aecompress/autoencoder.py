@@ -17,16 +17,17 @@ from torch import nn
 
 from aecompress.budget import infeasible_bytes, largest_fitting
 from aecompress.errors import AECompressError
-from aecompress.rowquant import SCALE_DTYPE, SCALES_SUFFIX, fake_int8, quantize_rows
+from aecompress.rowquant import SCALE_DTYPE, SCALES_SUFFIX, code_bytes, fake_quant, pack_codes, quantize_rows
 
 EncoderKind = Literal["mlp", "linear", "free"]
 DecoderKind = Literal["mlp", "linear", "residual"]
 OutActivation = Literal["tanh", "none"]
 StorageDtype = Literal["float32", "float16", "bfloat16"]
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# ``dtype``: latents kept like the decoder. ``int8``: each latent row as int8 codes times one
-# float16 scale (see :mod:`aecompress.rowquant`), so a larger latent size fits the same budget.
-LatentStorage = Literal["dtype", "int8"]
+# ``dtype``: latents kept like the decoder. ``int3`` .. ``int8``: each latent row as integer
+# codes of that many bits times one float16 scale (see :mod:`aecompress.rowquant`), so a larger
+# latent size fits the same budget.
+LatentStorage = Literal["dtype", "int3", "int4", "int5", "int6", "int7", "int8"]
 
 # Norm division guard: a zero-norm row decodes to zero instead of NaN.
 NORM_EPS = 1e-12
@@ -46,6 +47,11 @@ class AESpec:
     dtype: StorageDtype = "float32"
     latent_storage: LatentStorage = "dtype"
 
+    @property
+    def latent_bits(self) -> int | None:
+        """Bits per stored latent code, or None when latents are kept in ``dtype``."""
+        return None if self.latent_storage == "dtype" else int(self.latent_storage.removeprefix("int"))
+
     def decoder_sizes(self) -> list[int]:
         """Layer widths from latent to row (for ``residual``: of the non-linear branch)."""
         return [self.latent, *self.decoder_hidden, self.width]
@@ -60,16 +66,22 @@ class AESpec:
             return sum(p.numel() for p in build_decoder(self).parameters())
 
     def stored_numbers(self, rows: int) -> int:
-        """Latents + decoder + norms (+ latent scales), as the accountant will count them."""
-        scales = rows if self.latent_storage == "int8" else 0
-        return rows * self.latent + self.decoder_numbers() + (rows if self.enforce_norm else 0) + scales
+        """Latents + decoder + norms (+ latent scales), as the accountant will count them.
+
+        Codes of fewer than 8 bits are stored packed, so they count as the bytes that hold them.
+        """
+        bits, rest = self.latent_bits, self.decoder_numbers() + (rows if self.enforce_norm else 0)
+        if bits is None:
+            return rows * self.latent + rest
+        # codes: one byte each (int8 or a packed byte); scales: one float16 per row
+        return code_bytes(rows, self.latent, bits) - rows * SCALE_DTYPE.itemsize + rows + rest
 
     def stored_bytes(self, rows: int) -> int:
-        """Bytes of the stored form: decoder and norms in ``dtype``; latents too, or int8 plus row scales."""
+        """Bytes of the stored form: decoder and norms in ``dtype``; latents too, or integer codes plus row scales."""
         item = STORAGE_DTYPES[self.dtype].itemsize
         rest = self.decoder_numbers() + (rows if self.enforce_norm else 0)
-        if self.latent_storage == "int8":
-            return rows * self.latent + rows * SCALE_DTYPE.itemsize + rest * item
+        if self.latent_bits is not None:
+            return code_bytes(rows, self.latent, self.latent_bits) + rest * item
         return (rows * self.latent + rest) * item
 
     def to_dict(self) -> dict:
@@ -225,11 +237,12 @@ class GroupAutoencoder(nn.Module):
     def encode(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Latent codes for a batch of rows (by value, or by index for free latents).
 
-        With int8 latent storage the codes pass through the int8 round trip, so
+        With integer latent storage the codes pass through the rounding round trip, so
         training, validation and the stored form all see the same values.
         """
         latents = self.latents[index] if self.encoder is None else self.encoder(rows)
-        return fake_int8(latents) if self.spec.latent_storage == "int8" else latents
+        bits = self.spec.latent_bits
+        return latents if bits is None else fake_quant(latents, bits)
 
     def forward(self, rows: torch.Tensor, index: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct a batch of rows."""
@@ -244,9 +257,10 @@ class GroupAutoencoder(nn.Module):
         latents = self.encode(rows.float(), index).float()
         self.train(was_training)
         dtype = STORAGE_DTYPES[self.spec.dtype]
-        if self.spec.latent_storage == "int8":
-            codes, scales = quantize_rows(latents)
-            tensors = {"latents": codes.contiguous(), "latents" + SCALES_SUFFIX: scales.contiguous()}
+        bits = self.spec.latent_bits
+        if bits is not None:
+            codes, scales = quantize_rows(latents, bits)
+            tensors = {"latents": pack_codes(codes, bits), "latents" + SCALES_SUFFIX: scales.contiguous()}
         else:
             tensors = {"latents": latents.detach().to(dtype).contiguous()}
         for name, value in self.decoder.state_dict().items():

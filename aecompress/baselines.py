@@ -39,7 +39,8 @@ from aecompress.calibration import GroupStats
 from aecompress.errors import AECompressError
 from aecompress.factorize import Factorization, whitening
 from aecompress.groups import WeightGroup
-from aecompress.rowquant import SCALE_DTYPE, SCALES_SUFFIX, quantize_rows, stored_values
+from aecompress.lowbit import balance, pick_bits
+from aecompress.rowquant import BITS, SCALES_SUFFIX, code_bytes, pack_codes, quantize_rows, stored_values
 from aecompress.stored import StoredForm, register
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ Sharing = Literal["group", "layer"]
 Allocation = Literal["uniform", "greedy"]
 Normalize = Literal["member", "group"]
 FloatDtype = Literal["float32", "float16", "bfloat16"]
-Codes = Literal["dtype", "int8"]
+Codes = Literal["dtype", "int3", "int4", "int5", "int6", "int7", "int8", "auto"]
+CODE_CHOICES = ("dtype", "int3", "int4", "int5", "int6", "int7", "int8", "auto")
+Layout = Literal["balanced", "plain"]
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,36 +73,49 @@ def _meta(ratio: float, budget: int, **extra) -> dict:
 # --- factorizations ----------------------------------------------------------------------------
 
 
-def _ranks(
-    blocks: list[Factorization], width: int, budget: int, item: int, allocation: str, code_item: int
-) -> list[int] | None:
+def factor_bytes(rows: int, width: int, rank: int, item: int, bits: int | None) -> int:
+    """Bytes of one block's factors: ``A`` as float codes (``bits`` None) or integer codes, plus ``B``."""
+    codes = rows * rank * item if bits is None else code_bytes(rows, rank, bits)
+    return codes + rank * width * item
+
+
+def _ranks(blocks: list[Factorization], width: int, budget: int, item: int, allocation: str,
+           bits: int | None) -> list[int] | None:
     """Ranks per block whose factors fit the budget; None if rank 1 everywhere does not.
 
-    A rank costs one code per row (``code_item`` bytes each) plus one basis row of
-    ``width`` numbers (``item`` bytes each).
+    Costs come from :func:`factor_bytes`, exactly as the accountant will count the tensors.
     """
     caps = [min(b.rows, width) for b in blocks]
-    unit = [b.rows * code_item + width * item for b in blocks]
-    uniform = largest_fitting(lambda r: r * sum(unit), budget, min(caps))
+
+    def cost(i: int, rank: int) -> int:
+        return factor_bytes(blocks[i].rows, width, rank, item, bits)
+
+    uniform = largest_fitting(lambda r: sum(cost(i, r) for i in range(len(blocks))), budget, min(caps))
     if uniform is None:
         return None
     if allocation == "uniform" or len(blocks) == 1:
         return [uniform] * len(blocks)
     # Greedy: each added rank buys its squared singular value for its cost;
     # singular values fall, so taking the best value per byte first is optimal
-    # up to the last, partially affordable step.
+    # up to the last, partially affordable step. A rank that costs nothing more
+    # (bit-plane padding) is taken first.
+    def key(i: int, rank: int) -> tuple[float, int]:
+        extra = cost(i, rank + 1) - cost(i, rank)
+        return (-float(blocks[i].s[rank] ** 2) / extra if extra else -float("inf"), i)
+
     ranks = [1] * len(blocks)
-    spent = sum(unit)
-    heap = [(-float(b.s[1] ** 2) / unit[i], i) for i, b in enumerate(blocks) if caps[i] > 1]
+    spent = sum(cost(i, 1) for i in range(len(blocks)))
+    heap = [key(i, 1) for i in range(len(blocks)) if caps[i] > 1]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
-        if spent + unit[i] > budget:
+        extra = cost(i, ranks[i] + 1) - cost(i, ranks[i])
+        if spent + extra > budget:
             continue  # another block may still be cheaper
-        spent += unit[i]
+        spent += extra
         ranks[i] += 1
         if ranks[i] < caps[i]:
-            heapq.heappush(heap, (-float(blocks[i].s[ranks[i]] ** 2) / unit[i], i))
+            heapq.heappush(heap, key(i, ranks[i]))
     return ranks
 
 
@@ -115,6 +131,12 @@ def _member_slices(group: WeightGroup, rows: torch.Tensor, stats: GroupStats | N
     return list(rows.split(sizes))
 
 
+def code_bits(codes: str, group: WeightGroup, method: str) -> int | None:
+    """The bit width a ``codes`` option names: None for float codes, 0 for ``auto``, else 3..8."""
+    _choice(codes, CODE_CHOICES, "codes", group, method)
+    return None if codes == "dtype" else 0 if codes == "auto" else int(codes.removeprefix("int"))
+
+
 def _factorize(
     method: str,
     group: WeightGroup,
@@ -128,39 +150,52 @@ def _factorize(
     extra: dict,
     stats: GroupStats | None,
     codes: str = "dtype",
+    layout: str = "balanced",
 ) -> StoredForm:
-    """Shared by svd, fwsvd and whitened_svd: choose ranks, then store ``A`` and ``B`` factors.
+    """Shared by svd, fwsvd and whitened_svd: choose code width and ranks, then store ``A`` and ``B``.
 
-    With ``codes="int8"``, ``A`` (one row of codes per weight row) is stored as int8 with a
-    float16 scale per row (:mod:`aecompress.rowquant`); ``B`` stays in ``dtype``.
+    With integer ``codes``, ``A`` (one row of codes per weight row) is stored in that many bits
+    with a float16 scale per row (:mod:`aecompress.rowquant`), its columns balanced first
+    (:mod:`aecompress.lowbit`); ``auto`` picks the width with the least truncation plus
+    rounding error. ``B`` stays in ``dtype``.
     """
     store = _float(dtype, group, method)
-    int8 = _choice(codes, ("dtype", "int8"), "codes", group, method) == "int8"
+    wanted = code_bits(codes, group, method)
+    balanced = _choice(layout, ("balanced", "plain"), "layout", group, method) == "balanced"
     item = torch.empty((), dtype=store).element_size()
-    code_item = 1 if int8 else item
     budget = budget_bytes(group.rows, group.width, ratio)
     w = rows.double()
     parts = [w] if sharing == "group" else _member_slices(group, w, stats)
     blocks = [Factorization(part, scale, chol) for part, scale, chol in zip(parts, row_scales, chols)]
-    fixed = group.rows * SCALE_DTYPE.itemsize if int8 else 0
-    ranks = _ranks(blocks, group.width, budget - fixed, item, allocation, code_item)
-    if ranks is None:
-        smallest = fixed + sum(b.rows * code_item + group.width * item for b in blocks)
+    widths = BITS if wanted == 0 else (wanted,)
+    fitting = {bits: _ranks(blocks, group.width, budget, item, allocation, bits) for bits in widths}
+    fitting = {bits: ranks for bits, ranks in fitting.items() if ranks is not None}
+    if not fitting:
+        bits = min(BITS) if wanted == 0 else wanted
+        smallest = sum(factor_bytes(b.rows, group.width, 1, item, bits) for b in blocks)
         raise infeasible_bytes(group.name, group.rows, group.width, ratio, smallest,
-                               f"{method} rank 1 ({dtype}{', int8 codes' if int8 else ''})")
+                               f"{method} rank 1 ({dtype}{f', {bits}-bit codes' if bits else ''})")
+    bits = next(iter(fitting)) if len(fitting) == 1 else pick_bits(
+        {b: list(zip(blocks, ranks)) for b, ranks in fitting.items()}, balanced)
+    ranks = fitting[bits]
     tensors: dict[str, torch.Tensor] = {}
+    alphas = []
     for i, (block, rank) in enumerate(zip(blocks, ranks)):
         suffix = "" if sharing == "group" else f".{i}"
-        if int8:
-            a, b = block.factors(rank, torch.float32)
-            tensors[f"A{suffix}"], tensors[f"A{suffix}{SCALES_SUFFIX}"] = quantize_rows(a)
-            b = b.to(store)
-        else:
+        if bits is None:
             a, b = block.factors(rank, store)
             tensors[f"A{suffix}"] = a
+        else:
+            a, b, alpha, _ = balance(*block.factors(rank, torch.float32), bits, block.row_scale, balanced)
+            q, tensors[f"A{suffix}{SCALES_SUFFIX}"] = quantize_rows(a, bits)
+            tensors[f"A{suffix}"] = pack_codes(q, bits)
+            b = b.to(store).contiguous()
+            alphas.append(alpha)
         tensors[f"B{suffix}"] = b
     meta = _meta(ratio, budget, sharing=sharing, ranks=ranks, rows=[b.rows for b in blocks], dtype=dtype,
-                 codes=codes, **extra)
+                 codes=codes if bits is None else f"int{bits}", **extra)
+    if alphas:
+        meta.update(layout=layout, gain_exponents=alphas)
     return StoredForm(method, group, tensors, meta)
 
 
@@ -179,6 +214,7 @@ def compress_svd(
     allocation: Allocation = "uniform",
     dtype: FloatDtype = "float32",
     codes: Codes = "dtype",
+    layout: Layout = "balanced",
 ) -> StoredForm:
     """Truncated SVD at the largest rank that fits.
 
@@ -188,13 +224,16 @@ def compress_svd(
         allocation: with ``sharing="layer"``, ``uniform`` gives every member the
             same rank; ``greedy`` spends the budget where singular values are largest.
         dtype: the stored dtype of the factors (counted at its size).
-        codes: ``int8`` stores ``A`` (a row of codes per weight row) as int8 with a
-            float16 scale per row, buying a higher rank for the same bytes.
+        codes: ``int3`` .. ``int8`` store ``A`` (a row of codes per weight row) as integers of
+            that many bits with a float16 scale per row, buying a higher rank for the same
+            bytes; ``auto`` picks the width with the least truncation plus rounding error.
+        layout: ``balanced`` rescales the columns of ``A`` (and rows of ``B``) before rounding
+            so the step size is spread evenly; ``plain`` rounds ``A`` as factored.
     """
     blocks = _block_count(group, sharing, "svd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "svd")
     return _factorize("svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, [None] * blocks, {}, stats,
-                      codes)
+                      codes, layout)
 
 
 def _fisher_scale(c: torch.Tensor, group: WeightGroup) -> torch.Tensor:
@@ -219,6 +258,7 @@ def compress_fwsvd(
     normalize: Normalize = "member",
     dtype: FloatDtype = "float32",
     codes: Codes = "dtype",
+    layout: Layout = "balanced",
 ) -> StoredForm:
     """Fisher-weighted SVD: ``SVD(diag(c) W)`` then ``diag(1/c)``, with ``c`` from ``stats.fisher``.
 
@@ -230,7 +270,8 @@ def compress_fwsvd(
             budget between layers (per-matrix FWSVD is blind to that scale
             anyway); ``group`` keeps the raw Fisher scale across stacked layers.
         dtype: the stored dtype of the factors.
-        codes: ``int8`` stores ``A`` as int8 with a float16 scale per row.
+        codes: as for ``svd``.
+        layout: as for ``svd``.
     """
     blocks = _block_count(group, sharing, "fwsvd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "fwsvd")
@@ -249,7 +290,7 @@ def compress_fwsvd(
     else:
         scales = [_fisher_scale(weights, group)]
     return _factorize("fwsvd", group, rows, ratio, sharing, allocation, dtype, scales, [None] * blocks, {}, stats,
-                      codes)
+                      codes, layout)
 
 
 def compress_whitened_svd(
@@ -263,6 +304,7 @@ def compress_whitened_svd(
     damp: float = 1e-3,
     dtype: FloatDtype = "float32",
     codes: Codes = "dtype",
+    layout: Layout = "balanced",
 ) -> StoredForm:
     """Whitened (data-aware) SVD: ``trunc_r(W L) L⁻¹`` with ``L Lᵀ`` the input covariance.
 
@@ -275,7 +317,8 @@ def compress_whitened_svd(
         damp: ridge added to the covariance, relative to its mean diagonal. At
             least 1e-2 is used when there are fewer tokens than input dimensions.
         dtype: the stored dtype of the factors.
-        codes: ``int8`` stores ``A`` as int8 with a float16 scale per row.
+        codes: as for ``svd``.
+        layout: as for ``svd``.
     """
     blocks = _block_count(group, sharing, "whitened_svd")
     _choice(allocation, ("uniform", "greedy"), "allocation", group, "whitened_svd")
@@ -297,7 +340,7 @@ def compress_whitened_svd(
     chols = [w[0] for w in whitened]
     used = max(w[1] for w in whitened)
     return _factorize("whitened_svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, chols,
-                      {"damp": used, "tokens": stats.tokens}, stats, codes)
+                      {"damp": used, "tokens": stats.tokens}, stats, codes, layout)
 
 
 @register("svd")
@@ -308,9 +351,9 @@ def decode_factors(stored: StoredForm) -> torch.Tensor:
     """``A @ B`` in float32, stacking members for per-layer factors."""
     t = stored.tensors
     if "A" in t:
-        return stored_values(t, "A") @ t["B"].float()
+        return stored_values(t, "A", t["B"].shape[0]) @ t["B"].float()
     count = len(stored.meta["ranks"])
-    return torch.cat([stored_values(t, f"A.{i}") @ t[f"B.{i}"].float() for i in range(count)])
+    return torch.cat([stored_values(t, f"A.{i}", t[f"B.{i}"].shape[0]) @ t[f"B.{i}"].float() for i in range(count)])
 
 
 # --- pruning -------------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ from aecompress.stored import StoredForm, decode
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["decoded", "compact"]
-# Version 2 adds int8 codes with ``*_scales`` tensors. An export holding them says 2, so a
-# reader that predates them refuses it instead of decoding raw codes as values; exports
-# without them still say 1 and stay readable by older versions.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# Version 2 adds int8 codes with ``*_scales`` tensors; version 3 adds codes of 3 to 7 bits
+# packed as uint8 bit planes. An export says the oldest version that holds what it stores, so
+# a reader that predates a kind of code refuses it instead of decoding raw codes as values,
+# and older readers keep reading every export that does not need the newer codes.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 SIDECAR = "aecompress.json"
 COMPRESSED = "compressed.safetensors"
 REMAINING = "remaining.safetensors"
@@ -101,8 +102,10 @@ def sidecar(
 
 def _version(forms: dict[str, StoredForm]) -> int:
     """The oldest format version that can hold these forms."""
-    int8 = any(k.endswith(SCALES_SUFFIX) for f in forms.values() for k in f.tensors)
-    return FORMAT_VERSION if int8 else 1
+    coded = [t for f in forms.values() for k, t in f.tensors.items() if k + SCALES_SUFFIX in f.tensors]
+    if any(t.dtype == torch.uint8 for t in coded):
+        return FORMAT_VERSION
+    return 2 if coded else 1
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -32,6 +32,7 @@ class Factorization:
     def __init__(self, w: torch.Tensor, row_scale: torch.Tensor | None, chol: torch.Tensor | None):
         self.rows = w.shape[0]
         self.chol = chol
+        self.row_scale = row_scale
         self.wl = w if chol is None else w @ chol
         target = self.wl if row_scale is None else self.wl * row_scale.unsqueeze(1)
         _, self.s, self.vh = torch.linalg.svd(target, full_matrices=False)

@@ -24,9 +24,11 @@ from aecompress.autoencoder import (
 )
 from aecompress.budget import budget_bytes, original_bytes
 from aecompress.errors import AECompressError
-from aecompress.factorize import DEFAULT_DAMP, rank_factors, whitening
+from aecompress.factorize import DEFAULT_DAMP, Factorization, whitening
 from aecompress.groups import WeightGroup, substituted_params
+from aecompress.lowbit import balance, pick_bits
 from aecompress.metrics import ReconstructionError, output_mismatch, row_loss, whitened_loss
+from aecompress.rowquant import BITS
 from aecompress.stored import StoredForm
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,16 @@ class CompressorModule(L.LightningModule):
         storage_dtype: the dtype latents, decoder and norms are stored in. Half precision
             buys twice the numbers for the same bytes (so a larger latent size); training runs
             in float32 and the stored values are rounded once, at export.
-        latent_storage: ``dtype`` keeps latents in ``storage_dtype``; ``int8`` stores each
-            latent row as int8 codes with one float16 scale, about half the bytes of float16,
-            so the budget buys a larger latent size. Training sees the int8 round trip
+        latent_storage: ``dtype`` keeps latents in ``storage_dtype``; ``int3`` .. ``int8`` store
+            each latent row as integer codes of that many bits with one float16 scale, so the
+            budget buys a larger latent size. ``auto`` picks, per group when fitting starts, the
+            width whose starting factorization leaves the least truncation plus rounding error
+            (the same choice as the baselines' ``codes: auto``; needs a linear or residual
+            decoder); checkpoints record the width chosen. Training sees the rounding
             (straight-through), so the latents validated are the latents stored.
+        latent_layout: with integer latents and a factorization start, ``balanced`` rescales
+            the starting codes' columns (and the decoder's inputs) so that rounding spreads
+            evenly (see :mod:`aecompress.lowbit`); ``plain`` starts from the codes as factored.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -92,7 +100,8 @@ class CompressorModule(L.LightningModule):
         residual_hidden: int = 32,
         damp: float = DEFAULT_DAMP,
         storage_dtype: StorageDtype = "float32",
-        latent_storage: LatentStorage = "dtype",
+        latent_storage: LatentStorage | Literal["auto"] = "dtype",
+        latent_layout: Literal["balanced", "plain"] = "balanced",
         cache_teacher: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -111,7 +120,13 @@ class CompressorModule(L.LightningModule):
                 f"model.init {init!r} starts from a factorization, so it needs encoder: free, "
                 f"decoder: linear or residual, and out_activation: none (got {encoder}, {decoder}, {out_activation})"
             )
+        if latent_storage == "auto" and decoder == "mlp":
+            raise AECompressError(
+                "model.latent_storage 'auto' sizes latent codes by the factorization they start from, so it "
+                "needs decoder: linear or residual (got mlp); name a width instead, e.g. int8"
+            )
         self.init_kind, self.loss_kind, self.damp = init, loss, damp
+        self.latent_auto, self.latent_layout = latent_storage == "auto", latent_layout
         self.cache_teacher = cache_teacher
         self._teacher: dict[bytes, object] = {}
         self.groups = [WeightGroup.from_dict(g) for g in groups]
@@ -127,12 +142,10 @@ class CompressorModule(L.LightningModule):
             enforce_norm=enforce_norm,
             residual_hidden=residual_hidden,
             dtype=storage_dtype,
-            latent_storage=latent_storage,
+            latent_storage="int8" if self.latent_auto else latent_storage,  # auto: resolved in setup
         )
-        self.specs: dict[str, AESpec] = {
-            g.name: solve_spec(g.name, g.rows, g.width, self.budgets[g.name], self.target_ratio, **options)
-            for g in self.groups
-        }
+        self._options = options
+        self.specs: dict[str, AESpec] = {g.name: self._solve(g, options["latent_storage"]) for g in self.groups}
         self.aes = nn.ModuleDict({_key(g.name): GroupAutoencoder(self.specs[g.name], g.rows) for g in self.groups})
         self.val_metrics = nn.ModuleList([ReconstructionError() for _ in self.groups])
         self.val_total = ReconstructionError()
@@ -140,16 +153,56 @@ class CompressorModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self._log_sizes()
 
-    def _log_sizes(self) -> None:
-        for g in self.groups:
+    def _solve(self, group: WeightGroup, latent_storage: str) -> AESpec:
+        """The largest spec of this config that fits the group's budget with that latent storage."""
+        options = {**self._options, "latent_storage": latent_storage}
+        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.target_ratio, **options)
+
+    def _log_sizes(self, groups: list[WeightGroup] | None = None) -> None:
+        for g in groups or self.groups:
             spec = self.specs[g.name]
             stored = spec.stored_bytes(g.rows)
+            codes = "" if spec.latent_bits is None else f" (latents {spec.latent_storage})"
             log.info(
                 "group %s: latent %d, decoder %s, stored %d bytes in %s (budget %d), ratio %.3f (target %.3f)",
-                g.name, spec.latent, spec.decoder_sizes(), stored,
-                spec.dtype + (" (latents int8)" if spec.latent_storage == "int8" else ""), self.budgets[g.name],
+                g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype + codes, self.budgets[g.name],
                 original_bytes(g.rows, g.width) / stored, self.target_ratio,
             )
+
+    def _adopt(self, group: WeightGroup, spec: AESpec) -> None:
+        """Rebuild a group's autoencoder for another spec (``latent_storage: auto`` only)."""
+        if spec != self.specs[group.name]:
+            self.specs[group.name] = spec
+            self.aes[_key(group.name)] = GroupAutoencoder(spec, group.rows)
+            self._log_sizes([group])
+
+    def resolve_codes(self, group: WeightGroup, fact: Factorization) -> None:
+        """``latent_storage: auto``: keep the code width whose start leaves the least error at this budget."""
+        specs = {}
+        for bits in BITS:
+            try:
+                specs[bits] = self._solve(group, f"int{bits}")
+            except AECompressError:
+                continue  # this width does not fit at all
+        if not specs:
+            self._solve(group, f"int{min(BITS)}")  # raises the infeasible-ratio error, with the feasible range
+        options = {bits: [(fact, min(spec.latent, len(fact.s)))] for bits, spec in specs.items()}
+        self._adopt(group, specs[pick_bits(options, self.latent_layout == "balanced")])
+
+    def adopt_checkpoint_specs(self, checkpoint: dict) -> None:
+        """``latent_storage: auto``: take each group's code width from a checkpoint, as chosen when it was fitted.
+
+        Only a spec this config would build with that width is adopted; anything else is
+        left for the signature check to name.
+        """
+        saved = (checkpoint.get(SIGNATURE) or {}).get("specs") if self.latent_auto else None
+        for g in self.groups if isinstance(saved, dict) else []:
+            try:
+                spec = AESpec.from_dict(saved[g.name])
+                if spec.latent_bits is not None and spec == self._solve(g, spec.latent_storage):
+                    self._adopt(g, spec)
+            except (AECompressError, KeyError, TypeError, ValueError):
+                continue
 
     def setup(self, stage: str) -> None:
         """Before fitting: attach calibration factors and start from a factorization if asked."""
@@ -165,24 +218,40 @@ class CompressorModule(L.LightningModule):
             if self.loss_kind == "whitened":
                 factors = torch.stack([whitening(c, self.damp, tokens, g.name)[0].float() for c in covariances[g.name]])
                 self.register_buffer(f"whiten__{_key(g.name)}", factors, persistent=False)
+            fact = None
+            if self.latent_auto or self.init_kind != "random":
+                fact = self.factorization(g.name, datamodule.rows[g.name], covariances.get(g.name), tokens)
+            if self.latent_auto:
+                self.resolve_codes(g, fact)
             if self.init_kind != "random":
-                self.initialize(g.name, datamodule.rows[g.name], covariances.get(g.name), tokens)
+                self.initialize(g.name, datamodule.rows[g.name], fact=fact)
 
-    @torch.no_grad()
-    def initialize(
+    def factorization(
         self, name: str, rows: torch.Tensor, covariances: torch.Tensor | None = None, tokens: int = 0
-    ) -> None:
-        """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
-
-        With a residual decoder the non-linear branch starts at zero, so the
-        decoded rows equal the factorization exactly at step 0.
-        """
-        ae = self.autoencoder(name)
-        rank = ae.spec.latent
+    ) -> Factorization:
+        """The factorization a group starts from: plain SVD, or whitened by its members' mean covariance."""
         chol = None
         if self.init_kind == "whitened_svd":
             chol = whitening(covariances.double().mean(0), self.damp, tokens, name)[0]
-        a, b = rank_factors(rows, rank, chol)
+        return Factorization(rows.double(), None, chol)
+
+    @torch.no_grad()
+    def initialize(
+        self, name: str, rows: torch.Tensor, covariances: torch.Tensor | None = None, tokens: int = 0,
+        fact: Factorization | None = None,
+    ) -> None:
+        """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
+
+        Integer latents start from the same balanced codes a factorization baseline
+        stores (:func:`aecompress.lowbit.balance`). With a residual decoder the
+        non-linear branch starts at zero, so the decoded rows equal the
+        factorization exactly at step 0.
+        """
+        ae = self.autoencoder(name)
+        fact = fact or self.factorization(name, rows, covariances, tokens)
+        a, b = fact.factors(ae.spec.latent, torch.float32)
+        if ae.spec.latent_bits is not None:
+            a, b, _, _ = balance(a, b, ae.spec.latent_bits, None, self.latent_layout == "balanced")
         linear = ae.decoder.linear if ae.spec.decoder == "residual" else ae.decoder[0]
         ae.latents.copy_(a)
         linear.weight.copy_(b.T)
@@ -286,6 +355,7 @@ class CompressorModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse (``--ckpt_path``) a checkpoint written by another config, naming the first difference."""
         path = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        self.adopt_checkpoint_specs(checkpoint)
         problems = []
         if SIGNATURE in checkpoint:
             problems = _differences(_normalized(checkpoint[SIGNATURE]), self.signature())
@@ -325,6 +395,7 @@ def load_weights(module: CompressorModule, ckpt_path: str) -> None:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if state is None:
         raise AECompressError(f"checkpoint {ckpt_path!r} has no state_dict; is it a Lightning checkpoint?")
+    module.adopt_checkpoint_specs(checkpoint)
     problems = _state_problems(module.state_dict(), state)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -7,7 +7,7 @@ A row source keeps only what the stored form keeps (latents, norms and a
 reference to the group's decoder; two factors; kept values and their
 positions; packed codes and scales), so the model lives in memory at its
 compressed size and trains in that form: gradients reach every float stored
-tensor. The exception: int8 latents and factor codes are widened to float32
+tensor. The exception: integer (3- to 8-bit) latents and factor codes are widened to float32
 once at load, so they train like any parameter (at 4 bytes per code).
 
 Why stand-in modules and not ``torch.nn.utils.parametrize``: a parametrization
@@ -344,7 +344,7 @@ def build_autoencoder(form: StoredForm, member_rows: list[int]) -> Built:
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise AECompressError(f"group {form.group.name!r}: stored decoder does not match its spec: {err}") from err
-    latents = _codes(form.tensors, "latents").split(member_rows)
+    latents = _codes(form.tensors, "latents", spec.latent).split(member_rows)
     norms = form.tensors["norms"].split(member_rows) if spec.enforce_norm else [None] * len(member_rows)
     sources = [AERows(lat.clone(), None if nrm is None else nrm.clone(), decoder, spec.width)
                for lat, nrm in zip(latents, norms)]
@@ -359,19 +359,19 @@ def build_factors(form: StoredForm, member_rows: list[int]) -> Built:
     t = form.tensors
     if "A" in t:
         basis = Basis(t["B"].clone())
-        return [basis], [FactorRows(a.clone(), basis) for a in _codes(t, "A").split(member_rows)]
+        return [basis], [FactorRows(a.clone(), basis) for a in _codes(t, "A", t["B"].shape[0]).split(member_rows)]
     count = len(form.meta["ranks"])
     if count != len(member_rows):
         raise AECompressError(
             f"group {form.group.name!r} stores {count} factor pairs for {len(member_rows)} matrices; it cannot run per layer"
         )
     bases = [Basis(t[f"B.{i}"].clone()) for i in range(count)]
-    return bases, [FactorRows(_codes(t, f"A.{i}").clone(), b) for i, b in enumerate(bases)]
+    return bases, [FactorRows(_codes(t, f"A.{i}", t[f"B.{i}"].shape[0]).clone(), b) for i, b in enumerate(bases)]
 
 
-def _codes(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """Stored codes as they run: int8 codes are widened once to float32 here, not per forward pass."""
-    return stored_values(tensors, key) if key + SCALES_SUFFIX in tensors else tensors[key]
+def _codes(tensors: dict[str, torch.Tensor], key: str, columns: int) -> torch.Tensor:
+    """Stored codes as they run: integer codes are widened once to float32 here, not per forward pass."""
+    return stored_values(tensors, key, columns) if key + SCALES_SUFFIX in tensors else tensors[key]
 
 
 def _bit_slice(packed: torch.Tensor, start: int, count: int) -> torch.Tensor:

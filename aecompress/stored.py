@@ -89,7 +89,7 @@ def decode_autoencoder(stored: StoredForm) -> torch.Tensor:
     except RuntimeError as err:
         raise AECompressError(f"group {stored.group.name!r}: stored decoder does not match its spec: {err}") from err
     norms = stored.tensors.get("norms") if spec.enforce_norm else None
-    return apply_decoder(decoder.float().eval(), stored_values(stored.tensors, "latents"), norms)
+    return apply_decoder(decoder.float().eval(), stored_values(stored.tensors, "latents", spec.latent), norms)
 
 
 # The baselines register their decoders on import; importing them here means any

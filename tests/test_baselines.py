@@ -13,6 +13,7 @@ from aecompress import load_compact
 from aecompress.baselines import (
     COMPRESSORS,
     compress,
+    factor_bytes,
     index_dtype,
     options,
     pack_bits,
@@ -24,6 +25,7 @@ from aecompress.calibration import GroupStats, collect
 from aecompress.errors import AECompressError
 from aecompress.export import export
 from aecompress.groups import Member, WeightGroup, extract_rows, select_groups
+from aecompress.rowquant import BITS
 from aecompress.stored import decode
 from tests.conftest import TINY, build_tiny
 
@@ -252,16 +254,65 @@ def test_int8_codes_buy_rank_at_one_byte_per_code_plus_a_row_scale(tiny_stats, d
     group = next(g for g in groups if g.name == "mlp_fc")
     rows = extract_rows(model, group)
     plain = compress("svd", group, rows, 4.0, dtype=dtype)
-    form = compress("svd", group, rows, 4.0, dtype=dtype, codes="int8")
+    form = compress("svd", group, rows, 4.0, dtype=dtype, codes="int8", layout="plain")
     rank = form.meta["ranks"][0]
     assert form.tensors["A"].dtype == torch.int8 and form.tensors["A_scales"].dtype == torch.float16
     assert form.bytes == rank * (group.rows + group.width * item) + 2 * group.rows
     assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) and rank > plain.meta["ranks"][0]
-    # The codes are the rank-r factor rounded per row: the error stays within half a step.
+    # Plain codes are the rank-r factor rounded per row: the error stays within half a step.
     exact = compress("svd", group, rows, 1.0001, dtype="float32")
     a = exact.tensors["A"][:, :rank].float()
     step = form.tensors["A_scales"].float().unsqueeze(1)
     assert ((form.tensors["A"].float() * step - a).abs() <= step / 2 + 1e-5).all()
+
+
+def _error(form, rows) -> float:
+    return float((decode(form) - rows).double().pow(2).sum())
+
+
+@pytest.mark.parametrize("sharing", ["group", "layer"])
+def test_fewer_bit_codes_are_packed_counted_exactly_and_buy_rank(tiny_stats, sharing):
+    model, groups, stats = tiny_stats["llama"]
+    group = next(g for g in groups if g.name == "down_proj")
+    rows, budget = extract_rows(model, group), budget_bytes(group.rows, group.width, 4.0)
+    ranks = {}
+    for bits in BITS:
+        form = compress("svd", group, rows, 4.0, stats[group.name], codes=f"int{bits}", sharing=sharing, dtype="float16")
+        ranks[bits] = form.meta["ranks"]
+        suffixes = [""] if sharing == "group" else [f".{i}" for i in range(len(group.members))]
+        expected = sum(factor_bytes(form.tensors[f"A{s}_scales"].shape[0], group.width, r, 2, bits)
+                       for s, r in zip(suffixes, form.meta["ranks"]))
+        assert form.bytes == expected <= budget and form.meta["codes"] == f"int{bits}"
+        assert (form.tensors[f"A{suffixes[0]}"].dtype == torch.int8) == (bits == 8)
+        assert torch.isfinite(decode(form)).all()
+    assert sum(ranks[3]) > sum(ranks[8])  # fewer bits, more rank, same bytes
+
+
+def test_balanced_layout_rounds_no_worse_than_plain(tiny_stats):
+    model, groups, _ = tiny_stats["llama"]
+    group = next(g for g in groups if g.name == "down_proj")
+    rows = extract_rows(model, group)
+    for bits in (4, 8):
+        balanced = compress("svd", group, rows, 2.0, codes=f"int{bits}")
+        plain = compress("svd", group, rows, 2.0, codes=f"int{bits}", layout="plain")
+        assert balanced.meta["ranks"] == plain.meta["ranks"] and balanced.bytes == plain.bytes
+        assert _error(balanced, rows) <= _error(plain, rows) * (1 + 1e-6)
+        assert plain.meta["gain_exponents"] == [1.0]
+
+
+def test_auto_codes_keep_the_width_with_the_least_error(tiny_stats):
+    model, groups, _ = tiny_stats["llama"]
+    group = next(g for g in groups if g.name == "down_proj")
+    rows = extract_rows(model, group)
+    for ratio in (2.0, 6.0):
+        errors = {f"int{b}": _error(compress("svd", group, rows, ratio, codes=f"int{b}"), rows) for b in BITS}
+        auto = compress("svd", group, rows, ratio, codes="auto")
+        assert auto.meta["codes"] == min(errors, key=errors.get)
+        assert _error(auto, rows) == pytest.approx(min(errors.values()))
+    with pytest.raises(AECompressError, match="unknown codes 'int2' .* valid: dtype, int3, .*, int8, auto"):
+        compress("svd", group, rows, 2.0, codes="int2")
+    with pytest.raises(AECompressError, match="unknown layout 'even' .* valid: balanced, plain"):
+        compress("svd", group, rows, 2.0, codes="int4", layout="even")
 
 
 @pytest.mark.parametrize("family", list(MODULES))

@@ -141,15 +141,22 @@ def test_half_precision_storage_exports_exactly(tmp_path, tiny_dirs):
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
 
 
-def test_int8_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs):
-    fit_and_export(tmp_path, tiny_dirs["llama"], ["k_proj"],
-                   **{"data.ratio": 2.0, "model.encoder": "free", "model.decoder": "linear",
-                      "model.out_activation": "none", "model.enforce_norm": False, "model.storage_dtype": "float16",
-                      "model.latent_storage": "int8"})
+@pytest.mark.parametrize("storage", ["int8", "int4", "auto"])
+def test_integer_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs, storage):
+    cfg, ckpt = fit_and_export(tmp_path, tiny_dirs["llama"], ["down_proj"],
+                               **{"data.ratio": 4.0, "model.encoder": "free", "model.decoder": "linear",
+                                  "model.out_activation": "none", "model.enforce_norm": False, "model.init": "svd",
+                                  "model.storage_dtype": "float16", "model.latent_storage": storage})
     meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
-    dtypes = {name: t["dtype"] for g in meta["groups"] for name, t in g["tensors"].items()}
-    assert dtypes["latents"] == "int8" and dtypes["latents_scales"] == "float16"
-    assert meta["achieved_ratio"] >= 2.0 and meta["format_version"] == 2  # older readers refuse, not misread
+    (group,) = meta["groups"]
+    chosen = torch.load(ckpt, weights_only=True)["aecompress_signature"]["specs"]["down_proj"]["latent_storage"]
+    assert group["meta"]["spec"]["latent_storage"] == chosen != "auto"  # export rebuilt the width fit chose
+    assert chosen == storage if storage != "auto" else chosen in {f"int{b}" for b in range(3, 9)}
+    packed = chosen != "int8"
+    assert group["tensors"]["latents"]["dtype"] == ("uint8" if packed else "int8")
+    assert group["tensors"]["latents_scales"]["dtype"] == "float16"
+    # An export says the oldest format that holds its codes: older readers refuse it, not misread it.
+    assert meta["format_version"] == (3 if packed else 2) and meta["achieved_ratio"] >= 4.0
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)

@@ -28,6 +28,7 @@ from aecompress.calibration import GroupStats, collect
 from aecompress.compact import load_compact
 from aecompress.errors import AECompressError
 from aecompress.export import export
+from aecompress.factorize import Factorization
 from aecompress.groups import ALIASES, PRESETS, Member, WeightGroup, assign_rows, extract_rows, select_groups
 from aecompress.module import CompressorModule
 from aecompress.stored import decode
@@ -65,11 +66,13 @@ def _group(members: int, rows_each: int, width: int) -> WeightGroup:
     rows=st.integers(1, 80), width=st.integers(1, 48), ratio=ratios,
     encoder=st.sampled_from(["mlp", "linear", "free"]), decoder=st.sampled_from(["mlp", "linear", "residual"]),
     enforce_norm=st.booleans(), storage=st.sampled_from(["float32", "float16", "bfloat16"]),
-    latents=st.sampled_from(["dtype", "int8"]), seed=st.integers(0, 99),
+    latents=st.sampled_from(["dtype", "int3", "int5", "int8", "auto"]), seed=st.integers(0, 99),
 )
 def test_autoencoder_never_exceeds_its_budget(rows, width, ratio, encoder, decoder, enforce_norm, storage, latents,
                                               seed):
     group = _group(1, rows, width)
+    if latents == "auto" and decoder == "mlp":
+        latents = "int8"  # auto sizes codes by a factorization: linear and residual decoders only
     extra = {STORAGE: storage, "latent_storage": latents} if STORAGE else {}
     try:
         module = CompressorModule(
@@ -80,6 +83,8 @@ def test_autoencoder_never_exceeds_its_budget(rows, width, ratio, encoder, decod
         _infeasible_below(err, ratio)
         return
     w = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
+    if latents == "auto":
+        module.resolve_codes(group, Factorization(w.double(), None, None))  # what setup() does when fitting starts
     (form,) = module.stored_forms({"g": w}).values()
     assert form.bytes <= budget_bytes(rows, width, ratio)
     assert form.ratio >= ratio
@@ -101,7 +106,8 @@ def _stats(members: int, rows_each: int, width: int, seed: int) -> GroupStats:
 @given(
     method=st.sampled_from(list(COMPRESSORS)), members=st.integers(1, 3), rows_each=st.integers(1, 24),
     width=st.integers(1, 24), ratio=ratios, sharing=st.sampled_from(["group", "layer"]),
-    dtype=st.sampled_from(["float32", "float16"]), codes=st.sampled_from(["dtype", "int8"]), seed=st.integers(0, 99),
+    dtype=st.sampled_from(["float32", "float16"]), codes=st.sampled_from(["dtype", "int3", "int5", "int8", "auto"]),
+    seed=st.integers(0, 99),
 )
 def test_baselines_never_exceed_the_budget(method, members, rows_each, width, ratio, sharing, dtype, codes, seed):
     group = _group(members, rows_each, width)

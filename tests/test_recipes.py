@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from aecompress.data import WeightRowsDataModule
-from aecompress.factorize import rank_factors, whitening
+from aecompress.errors import AECompressError
+from aecompress.factorize import Factorization, rank_factors, whitening
+from aecompress.lowbit import balance, layout_error
 from aecompress.metrics import whitened_loss
 from aecompress.module import CompressorModule
+from aecompress.rowquant import BITS, dequantize_rows, quantize_rows
 from aecompress.stored import decode
 
 FREE = dict(encoder="free", decoder="linear", out_activation="none", enforce_norm=False)
@@ -102,3 +105,28 @@ def test_output_objective_on_an_encoder_matches_hidden_states(tiny_dirs):
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
     trainer(2).fit(module, dm)
     assert torch.isfinite(module.autoencoder("key").latents).all()
+
+
+@pytest.mark.parametrize("storage", ["int4", "int8", "auto"])
+def test_integer_latents_start_exactly_at_the_balanced_factorization_codes(tiny_dirs, storage):
+    dm = datamodule(tiny_dirs, modules=("down_proj",), ratio=4.0)
+    module = CompressorModule(groups=dm.group_specs, init="svd", latent_storage=storage, **FREE)
+    trainer(0).fit(module, dm)  # setup() resolves the width (auto) and initializes; no step is taken
+    (g,) = dm.groups
+    spec = module.specs[g.name]
+    fact = Factorization(dm.rows[g.name].double(), None, None)
+    a, b, _, _ = balance(*fact.factors(spec.latent, torch.float32), spec.latent_bits)
+    expected = dequantize_rows(*quantize_rows(a, spec.latent_bits)) @ b
+    torch.testing.assert_close(decode(module.stored_forms(dm.rows)[g.name]), expected, rtol=1e-5, atol=1e-6)
+    if storage == "auto":
+        errors = {bits: layout_error(fact, module._solve(g, f"int{bits}").latent, bits) for bits in BITS}
+        assert spec.latent_bits == min(errors, key=errors.get)
+        assert spec.stored_bytes(g.rows) <= module.budgets[g.name]
+    else:
+        assert spec.latent_storage == storage
+
+
+def test_auto_latents_need_a_factorization_shaped_decoder(tiny_dirs):
+    dm = datamodule(tiny_dirs)
+    with pytest.raises(AECompressError, match="'auto' .* needs decoder: linear or residual \\(got mlp\\)"):
+        CompressorModule(groups=dm.group_specs, decoder="mlp", latent_storage="auto")
