@@ -16,11 +16,12 @@ export, ``load_compact`` and evaluation never ask which method made a form.
 - ``prune``: magnitude pruning; positions cost a bitmask or indices, whichever is smaller.
 - ``quantize``: row-wise asymmetric k-bit codes, bit-packed into uint8.
 
-All three factorizations store ``A`` (rows x r) and ``B`` (r x width) with
-``W' = A @ B``. They are computed as ``A = (W L) V_r`` and ``B = V_rᵀ L⁻¹``
-from the right singular vectors ``V_r`` of ``diag(c) W L`` (``c`` and ``L``
-are identity where a method has none), which equals ``diag(1/c) U_r S_r``
-without ever dividing by a zero row weight.
+All three factorizations store ``A`` (rows x r; integer codes when ``codes`` asks,
+see :mod:`aecompress.lowbit`) and ``B`` (r x width) with ``W' = A @ B``. They are
+computed as ``A = (W L) V_r`` and ``B = V_rᵀ L⁻¹`` from the right singular
+vectors ``V_r`` of ``diag(c) W L`` (``c`` and ``L`` are identity where a method
+has none), which equals ``diag(1/c) U_r S_r`` without ever dividing by a zero
+row weight.
 """
 
 from __future__ import annotations
@@ -96,12 +97,11 @@ def _ranks(blocks: list[Factorization], width: int, budget: int, item: int, allo
     if allocation == "uniform" or len(blocks) == 1:
         return [uniform] * len(blocks)
     # Greedy: each added rank buys its squared singular value for its cost;
-    # singular values fall, so taking the best value per byte first is optimal
-    # up to the last, partially affordable step. A rank that costs nothing more
-    # (bit-plane padding) is taken first.
+    # singular values fall, so with linear costs taking the best value per byte
+    # first is optimal up to the last, partially affordable step. Bit-plane codes
+    # make every eighth rank dearer, so greedy is kept only where it retains more.
     def key(i: int, rank: int) -> tuple[float, int]:
-        extra = cost(i, rank + 1) - cost(i, rank)
-        return (-float(blocks[i].s[rank] ** 2) / extra if extra else -float("inf"), i)
+        return (-float(blocks[i].s[rank] ** 2) / (cost(i, rank + 1) - cost(i, rank)), i)
 
     ranks = [1] * len(blocks)
     spent = sum(cost(i, 1) for i in range(len(blocks)))
@@ -116,7 +116,11 @@ def _ranks(blocks: list[Factorization], width: int, budget: int, item: int, allo
         ranks[i] += 1
         if ranks[i] < caps[i]:
             heapq.heappush(heap, key(i, ranks[i]))
-    return ranks
+
+    def kept(rs: list[int]) -> float:
+        return sum(float(b.s[:r].double().pow(2).sum()) for b, r in zip(blocks, rs))
+
+    return ranks if kept(ranks) >= kept([uniform] * len(blocks)) else [uniform] * len(blocks)
 
 
 def _member_slices(group: WeightGroup, rows: torch.Tensor, stats: GroupStats | None) -> list[torch.Tensor]:
@@ -171,8 +175,11 @@ def _factorize(
     fitting = {bits: _ranks(blocks, group.width, budget, item, allocation, bits) for bits in widths}
     fitting = {bits: ranks for bits, ranks in fitting.items() if ranks is not None}
     if not fitting:
-        bits = min(BITS) if wanted == 0 else wanted
-        smallest = sum(factor_bytes(b.rows, group.width, 1, item, bits) for b in blocks)
+        def smallest_at(bits: int | None) -> int:
+            return sum(factor_bytes(b.rows, group.width, 1, item, bits) for b in blocks)
+
+        bits = min(BITS, key=smallest_at) if wanted == 0 else wanted  # auto: the cheapest width at rank 1
+        smallest = smallest_at(bits)
         raise infeasible_bytes(group.name, group.rows, group.width, ratio, smallest,
                                f"{method} rank 1 ({dtype}{f', {bits}-bit codes' if bits else ''})")
     bits = next(iter(fitting)) if len(fitting) == 1 else pick_bits(

@@ -5,12 +5,13 @@ A factorization ``W ≈ A B`` can store ``A`` (one row of codes per weight row) 
 Two choices decide what that rounding costs, and both are made here, once, for
 the factorization baselines and for the autoencoder that starts from them:
 
-- **Column gains.** ``A = (W L) V_r`` has columns of norm ``σ_j``, so each row's
-  scale is set by its leading columns while every column's rounding error counts
-  the same in the error the factorization minimizes. Storing ``A diag(g)⁻¹`` and
-  ``diag(g) B``, with ``g_j = (σ_j / σ_1)^(1 - α)``, leaves the product unchanged
-  and spreads the step size more evenly. ``α`` is picked from a short grid by
-  the rounding error it leaves (``α = 1`` is the plain layout). On SmolLM2's
+- **Column gains.** ``A = (W L) V_r`` has columns of norm ``σ_j`` (for plain and
+  whitened SVD), so each row's scale is set by its leading columns while every
+  column's rounding error counts the same in the error the factorization
+  minimizes. Storing ``A diag(g)⁻¹`` and ``diag(g) B``, with ``g_j`` the column
+  norms of ``A`` relative to the largest, raised to ``1 - α``, leaves the product
+  unchanged and spreads the step size more evenly. ``α`` is picked from a short
+  grid by the rounding error it leaves (``α = 1`` is the plain layout). On SmolLM2's
   stacked ``k_proj`` at full rank this cuts the whitened error of int8 codes
   about 50-fold (``α = 0.25``).
 - **Bit width.** Fewer bits buy a larger rank for the same bytes. The width

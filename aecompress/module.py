@@ -21,6 +21,7 @@ from aecompress.autoencoder import (
     OutActivation,
     StorageDtype,
     solve_spec,
+    spec_for_scale,
 )
 from aecompress.budget import budget_bytes, original_bytes
 from aecompress.errors import AECompressError
@@ -73,8 +74,8 @@ class CompressorModule(L.LightningModule):
             each latent row as integer codes of that many bits with one float16 scale, so the
             budget buys a larger latent size. ``auto`` picks, per group when fitting starts, the
             width whose starting factorization leaves the least truncation plus rounding error
-            (the same choice as the baselines' ``codes: auto``; needs a linear or residual
-            decoder); checkpoints record the width chosen. Training sees the rounding
+            (the rule of the baselines' ``codes: auto``, at the autoencoder's own sizes; needs a
+            linear or residual decoder); checkpoints record the width chosen. Training sees the rounding
             (straight-through), so the latents validated are the latents stored.
         latent_layout: with integer latents and a factorization start, ``balanced`` rescales
             the starting codes' columns (and the decoder's inputs) so that rounding spreads
@@ -120,6 +121,8 @@ class CompressorModule(L.LightningModule):
                 f"model.init {init!r} starts from a factorization, so it needs encoder: free, "
                 f"decoder: linear or residual, and out_activation: none (got {encoder}, {decoder}, {out_activation})"
             )
+        if latent_layout not in ("balanced", "plain"):
+            raise AECompressError(f"model.latent_layout must be balanced or plain, got {latent_layout!r}")
         if latent_storage == "auto" and decoder == "mlp":
             raise AECompressError(
                 "model.latent_storage 'auto' sizes latent codes by the factorization they start from, so it "
@@ -142,10 +145,12 @@ class CompressorModule(L.LightningModule):
             enforce_norm=enforce_norm,
             residual_hidden=residual_hidden,
             dtype=storage_dtype,
-            latent_storage="int8" if self.latent_auto else latent_storage,  # auto: resolved in setup
+            latent_storage=latent_storage,
         )
         self._options = options
-        self.specs: dict[str, AESpec] = {g.name: self._solve(g, options["latent_storage"]) for g in self.groups}
+        self.specs: dict[str, AESpec] = {
+            g.name: self._placeholder(g) if self.latent_auto else self._solve(g, latent_storage) for g in self.groups
+        }
         self.aes = nn.ModuleDict({_key(g.name): GroupAutoencoder(self.specs[g.name], g.rows) for g in self.groups})
         self.val_metrics = nn.ModuleList([ReconstructionError() for _ in self.groups])
         self.val_total = ReconstructionError()
@@ -157,6 +162,26 @@ class CompressorModule(L.LightningModule):
         """The largest spec of this config that fits the group's budget with that latent storage."""
         options = {**self._options, "latent_storage": latent_storage}
         return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.target_ratio, **options)
+
+    def _fitting_widths(self, group: WeightGroup) -> dict[int, AESpec]:
+        """For ``latent_storage: auto``: each code width that fits the group's budget, with its spec."""
+        specs = {}
+        for bits in sorted(BITS, reverse=True):
+            try:
+                specs[bits] = self._solve(group, f"int{bits}")
+            except AECompressError:
+                continue  # this width does not fit at all
+        if not specs:  # raise the infeasible-ratio error of the width that is cheapest at its smallest size
+            def smallest(bits: int) -> int:
+                options = {**self._options, "latent_storage": f"int{bits}"}
+                return spec_for_scale(1, group.width, **options).stored_bytes(group.rows)
+
+            self._solve(group, f"int{min(BITS, key=smallest)}")
+        return specs
+
+    def _placeholder(self, group: WeightGroup) -> AESpec:
+        """``latent_storage: auto`` before fitting resolves it: the widest code that fits."""
+        return next(iter(self._fitting_widths(group).values()))
 
     def _log_sizes(self, groups: list[WeightGroup] | None = None) -> None:
         for g in groups or self.groups:
@@ -170,24 +195,31 @@ class CompressorModule(L.LightningModule):
             )
 
     def _adopt(self, group: WeightGroup, spec: AESpec) -> None:
-        """Rebuild a group's autoencoder for another spec (``latent_storage: auto`` only)."""
+        """Rebuild a group's autoencoder for another spec (``latent_storage: auto`` only).
+
+        Raises:
+            AECompressError: once optimizers exist (a strategy that restores checkpoints after
+                configuring them, such as FSDP or DeepSpeed): they would hold the old parameters.
+        """
         if spec != self.specs[group.name]:
+            if self._trainer is not None and self.trainer.optimizers:
+                raise AECompressError(
+                    f"group {group.name!r}: this strategy built the optimizer before the checkpoint chose the latent "
+                    f"width; set model.latent_storage to the width it records ({spec.latent_storage})"
+                )
             self.specs[group.name] = spec
             self.aes[_key(group.name)] = GroupAutoencoder(spec, group.rows)
             self._log_sizes([group])
 
-    def resolve_codes(self, group: WeightGroup, fact: Factorization) -> None:
-        """``latent_storage: auto``: keep the code width whose start leaves the least error at this budget."""
-        specs = {}
-        for bits in BITS:
-            try:
-                specs[bits] = self._solve(group, f"int{bits}")
-            except AECompressError:
-                continue  # this width does not fit at all
-        if not specs:
-            self._solve(group, f"int{min(BITS)}")  # raises the infeasible-ratio error, with the feasible range
+    def choose_codes(self, group: WeightGroup, fact: Factorization) -> str:
+        """``latent_storage: auto``: the code width whose start leaves the least error at this budget."""
+        specs = self._fitting_widths(group)
         options = {bits: [(fact, min(spec.latent, len(fact.s)))] for bits, spec in specs.items()}
-        self._adopt(group, specs[pick_bits(options, self.latent_layout == "balanced")])
+        return specs[pick_bits(options, self.latent_layout == "balanced")].latent_storage
+
+    def resolve_codes(self, group: WeightGroup, fact: Factorization) -> None:
+        """``latent_storage: auto``: rebuild the group's autoencoder with the width :meth:`choose_codes` keeps."""
+        self._adopt(group, self._solve(group, self.choose_codes(group, fact)))
 
     def adopt_checkpoint_specs(self, checkpoint: dict) -> None:
         """``latent_storage: auto``: take each group's code width from a checkpoint, as chosen when it was fitted.
@@ -199,13 +231,17 @@ class CompressorModule(L.LightningModule):
         for g in self.groups if isinstance(saved, dict) else []:
             try:
                 spec = AESpec.from_dict(saved[g.name])
-                if spec.latent_bits is not None and spec == self._solve(g, spec.latent_storage):
-                    self._adopt(g, spec)
-            except (AECompressError, KeyError, TypeError, ValueError):
-                continue
+            except (AECompressError, AttributeError, KeyError, TypeError, ValueError):
+                continue  # left for the signature check to name
+            if spec.latent_bits is not None and spec == self._solve(g, spec.latent_storage):
+                self._adopt(g, spec)
 
     def setup(self, stage: str) -> None:
-        """Before fitting: attach calibration factors and start from a factorization if asked."""
+        """Before fitting: attach calibration factors, choose ``auto`` code widths, start from a factorization.
+
+        Under DDP every rank adopts rank 0's widths, so shapes agree even where floating
+        point ties could break differently on different machines.
+        """
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
@@ -222,7 +258,8 @@ class CompressorModule(L.LightningModule):
             if self.latent_auto or self.init_kind != "random":
                 fact = self.factorization(g.name, datamodule.rows[g.name], covariances.get(g.name), tokens)
             if self.latent_auto:
-                self.resolve_codes(g, fact)
+                width = self.trainer.strategy.broadcast(self.choose_codes(g, fact), src=0)
+                self._adopt(g, self._solve(g, width))
             if self.init_kind != "random":
                 self.initialize(g.name, datamodule.rows[g.name], fact=fact)
 
@@ -242,9 +279,10 @@ class CompressorModule(L.LightningModule):
     ) -> None:
         """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
 
-        Integer latents start from the same balanced codes a factorization baseline
-        stores (:func:`aecompress.lowbit.balance`). With a residual decoder the
-        non-linear branch starts at zero, so the decoded rows equal the
+        Integer latents start from the balanced codes (:func:`aecompress.lowbit.balance`)
+        that a factorization baseline of this rank and width stores; the autoencoder's
+        own rank can be a little lower, since its decoder bias is stored too. With a
+        residual decoder the non-linear branch starts at zero, so the decoded rows equal the
         factorization exactly at step 0.
         """
         ae = self.autoencoder(name)

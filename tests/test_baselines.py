@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from aecompress import load_compact
 from aecompress.baselines import (
     COMPRESSORS,
+    _ranks,
     compress,
     factor_bytes,
     index_dtype,
@@ -24,6 +25,7 @@ from aecompress.budget import budget_bytes
 from aecompress.calibration import GroupStats, collect
 from aecompress.errors import AECompressError
 from aecompress.export import export
+from aecompress.factorize import Factorization
 from aecompress.groups import Member, WeightGroup, extract_rows, select_groups
 from aecompress.rowquant import BITS
 from aecompress.stored import decode
@@ -298,6 +300,29 @@ def test_balanced_layout_rounds_no_worse_than_plain(tiny_stats):
         assert balanced.meta["ranks"] == plain.meta["ranks"] and balanced.bytes == plain.bytes
         assert _error(balanced, rows) <= _error(plain, rows) * (1 + 1e-6)
         assert plain.meta["gain_exponents"] == [1.0]
+
+
+def test_auto_codes_state_a_feasible_bound_when_no_width_fits():
+    group = WeightGroup("g", "g", (Member("w", 0, False),), 200, 8)
+    rows = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AECompressError, match="infeasible") as err:
+        compress("svd", group, rows, 30.0, dtype="float16", codes="auto")
+    bound = float(FEASIBLE.search(str(err.value)).group(1))
+    assert compress("svd", group, rows, bound, dtype="float16", codes="auto").ratio >= bound
+
+
+@pytest.mark.parametrize("bits", [None, 3, 4, 8])
+def test_greedy_ranks_never_keep_less_energy_than_uniform_ones(bits):
+    gen = torch.Generator().manual_seed(0)
+    # Three blocks with very different spectra: greedy should move rank to the steep one.
+    blocks = [Factorization(torch.randn(40, 24, generator=gen, dtype=torch.float64) * torch.logspace(0, -k, 24,
+                                                                                                    dtype=torch.float64),
+                            None, None) for k in (0.5, 2, 4)]
+    for budget in (3000, 5000, 8000):
+        ranks = {a: _ranks(blocks, 24, budget, 2, a, bits) for a in ("uniform", "greedy")}
+        kept = {a: sum(float(b.s[:r].pow(2).sum()) for b, r in zip(blocks, rs)) for a, rs in ranks.items()}
+        spent = sum(factor_bytes(b.rows, 24, r, 2, bits) for b, r in zip(blocks, ranks["greedy"]))
+        assert spent <= budget and kept["greedy"] >= kept["uniform"]
 
 
 def test_auto_codes_keep_the_width_with_the_least_error(tiny_stats):

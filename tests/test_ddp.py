@@ -33,7 +33,9 @@ def _config(tmp_path: Path, model_dir: Path, name: str, epochs: int = 3) -> Path
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(work / "logs"), "name": "run"}}
     return write_config(tmp_path / f"{name}.yaml", model_dir, ["k_proj", "up_proj"], work,
                         **{"trainer.max_epochs": epochs, "trainer.callbacks": callbacks, "trainer.logger": logger,
-                           "model.encoder": "free", "model.decoder": "linear", "model.out_activation": "none"})
+                           "model.encoder": "free", "model.decoder": "linear", "model.out_activation": "none",
+                           # auto widths: rank 0's choice is broadcast, so both ranks build the same shapes
+                           "model.init": "svd", "model.latent_storage": "auto"})
 
 
 def _last_val(work: Path) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """Recipes beyond the seed: factorization init, data-aware loss, model-level KL."""
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -130,3 +132,16 @@ def test_auto_latents_need_a_factorization_shaped_decoder(tiny_dirs):
     dm = datamodule(tiny_dirs)
     with pytest.raises(AECompressError, match="'auto' .* needs decoder: linear or residual \\(got mlp\\)"):
         CompressorModule(groups=dm.group_specs, decoder="mlp", latent_storage="auto")
+
+
+def test_auto_latents_start_from_any_width_that_fits_and_name_the_cheapest_when_none_does():
+    group = {"name": "g", "module_type": "g", "members": [], "rows": 512, "width": 64}
+    options = dict(FREE, latent_width=8.0, storage_dtype="float16")
+    with pytest.raises(AECompressError, match="ratio 25.0 is infeasible"):
+        CompressorModule(groups=[{**group, "ratio": 25.0}], latent_storage="int8", **options)
+    module = CompressorModule(groups=[{**group, "ratio": 25.0}], latent_storage="auto", **options)
+    assert module.specs["g"].latent_bits < 8  # int8 does not fit; a narrower width does
+    with pytest.raises(AECompressError, match="feasible ratios are 1 < ratio <= ([\\d.]+)") as err:
+        CompressorModule(groups=[{**group, "ratio": 1000.0}], latent_storage="auto", **options)
+    bound = float(re.search(r"ratio <= ([\d.]+)", str(err.value)).group(1))
+    CompressorModule(groups=[{**group, "ratio": bound}], latent_storage="auto", **options)  # the stated bound fits
