@@ -150,11 +150,17 @@ def spec_for_scale(
     return AESpec(width, latent, dec, enc, out_activation, enforce_norm, decoder, dtype, latent_storage)
 
 
-def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **options) -> AESpec:
+def solve_spec(
+    group: str, rows: int, width: int, budget: int, ratio: float, max_scale: int | None = None, **options
+) -> AESpec:
     """The largest architecture whose stored bytes fit the byte budget.
 
     Storing in half precision doubles the numbers a budget buys, so the
     solved latent size (and so the rank) grows accordingly.
+
+    Args:
+        max_scale: the largest scale considered (default ``width``: for linear decoders a
+            latent as wide as the row; refinement codes allow more).
 
     Raises:
         AECompressError: if even scale 1 does not fit; the message gives the feasible range.
@@ -163,7 +169,7 @@ def solve_spec(group: str, rows: int, width: int, budget: int, ratio: float, **o
     def cost(scale: int) -> int:
         return spec_for_scale(scale, width, **options).stored_bytes(rows)
 
-    scale = largest_fitting(cost, budget, upper=width)
+    scale = largest_fitting(cost, budget, upper=max_scale or width)
     if scale is None:
         raise infeasible_bytes(group, rows, width, ratio, cost(1), f"{options['decoder']} decoder")
     return spec_for_scale(scale, width, **options)

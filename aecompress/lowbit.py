@@ -18,6 +18,12 @@ the factorization baselines and for the autoencoder that starts from them:
   kept is the one whose truncation error plus rounding error is smallest, both
   measured in the space the factorization optimizes (whitened, Fisher-weighted
   or plain), so no evaluation text is involved.
+- **Refinement columns.** A factorization's rank stops at the matrix's smaller
+  side, so at low ratios its codes leave budget unused. Codes with more columns
+  than that (an autoencoder's latents may be wider than the rank) spend it: each
+  extra column stores the rounding residual of one leading column, ``2 * levels``
+  times finer, and its decoder row is that column's row divided by the same
+  factor. The residual fits the row's existing scale, so the other codes do not change.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from aecompress.factorize import Factorization
-from aecompress.rowquant import dequantize_rows, quantize_rows
+from aecompress.rowquant import dequantize_rows, levels, quantize_rows
 
 GAIN_EXPONENTS = (0.0, 0.125, 0.25, 0.5, 1.0)  # α; 1.0 is the plain layout
 
@@ -39,16 +45,41 @@ def gains(a: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(norms > 0, (norms / top) ** (1 - alpha), torch.ones_like(norms))
 
 
-def rounding_error(a: torch.Tensor, gain: torch.Tensor, bits: int, row_weights: torch.Tensor | None) -> float:
-    """Squared error that storing ``a / gain`` in ``bits``-bit codes leaves in ``a``'s units (row-weighted)."""
+def refine(a: torch.Tensor, b: torch.Tensor, bits: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extra`` more columns holding the rounding residual of ``a``'s first columns, finer by ``2 * levels``.
+
+    Returns codes ``(rows, rank + extra)`` and decoder rows ``(rank + extra, width)`` whose product
+    equals ``a @ b``; after rounding, the residual columns cancel most of the first columns' error.
+    """
+    if extra <= 0:
+        return a, b
+    factor = 2 * levels(bits)
+    codes, scale = quantize_rows(a, bits)
+    bound = levels(bits) * scale.float().unsqueeze(1)  # the row's own range: the scale stays as it is
+    residual = ((a - dequantize_rows(codes, scale)) * factor)[:, :extra]
+    return torch.cat([a, torch.minimum(residual.abs(), bound) * residual.sign()], 1), torch.cat([b, b[:extra] / factor])
+
+
+def rounding_error(
+    a: torch.Tensor, gain: torch.Tensor, bits: int, row_weights: torch.Tensor | None, extra: int = 0
+) -> float:
+    """Squared error that storing ``a / gain`` (plus ``extra`` refinement columns) in ``bits``-bit codes leaves.
+
+    Measured in ``a``'s units and row-weighted.
+    """
     scaled = a / gain
-    diff = (scaled - dequantize_rows(*quantize_rows(scaled, bits))) * gain
+    rank, factor = a.shape[1], 2 * levels(bits)
+    stored = dequantize_rows(*quantize_rows(refine(scaled, scaled.new_zeros(rank, 1), bits, extra)[0], bits))
+    kept = stored[:, :rank].clone()
+    kept[:, :extra] += stored[:, rank:] / factor
+    diff = (scaled - kept) * gain
     per_row = diff.double().pow(2).sum(dim=1)
     return float(per_row.sum() if row_weights is None else (per_row * row_weights.double() ** 2).sum())
 
 
 def balance(
-    a: torch.Tensor, b: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None, balanced: bool = True
+    a: torch.Tensor, b: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None, balanced: bool = True,
+    extra: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """``A`` and ``B`` rescaled by the column gains that round best, with the product unchanged.
 
@@ -58,29 +89,34 @@ def balance(
         bits: the code width.
         row_weights: weights of each row's error (Fisher-weighted SVD); None for equal weights.
         balanced: False keeps the plain layout (``α = 1``).
+        extra: refinement columns to append (see :func:`refine`), at most ``rank``.
 
     Returns:
-        ``a / g``, ``g b``, the chosen ``α`` and the rounding error it leaves.
+        ``a / g`` and ``g b`` (with their refinement columns), the chosen ``α`` and the rounding error left.
     """
     candidates = GAIN_EXPONENTS if balanced else (1.0,)
-    scored = [(rounding_error(a, gains(a, alpha), bits, row_weights), alpha) for alpha in candidates]
+    scored = [(rounding_error(a, gains(a, alpha), bits, row_weights, extra), alpha) for alpha in candidates]
     error, alpha = min(scored)
     gain = gains(a, alpha)
-    return a / gain, b * gain.unsqueeze(1), alpha, error
+    return *refine(a / gain, b * gain.unsqueeze(1), bits, extra), alpha, error
 
 
-def layout_error(fact: Factorization, rank: int, bits: int, balanced: bool = True) -> float:
-    """Truncation plus rounding error of ``bits``-bit codes at ``rank``, in the factorization's own space."""
+def layout_error(fact: Factorization, columns: int, bits: int, balanced: bool = True) -> float:
+    """Truncation plus rounding error of ``columns`` ``bits``-bit code columns, in the factorization's own space.
+
+    Columns beyond the factorization's full rank are refinement columns (:func:`refine`).
+    """
+    rank = min(columns, len(fact.s))
     a, b = fact.factors(rank, torch.float32)
     truncation = float(fact.s[rank:].double().pow(2).sum())
-    return truncation + balance(a, b, bits, fact.row_scale, balanced)[3]
+    return truncation + balance(a, b, bits, fact.row_scale, balanced, columns - rank)[3]
 
 
 def pick_bits(options: Mapping[int, Sequence[tuple[Factorization, int]]], balanced: bool = True) -> int:
     """The bit width whose (factorization, rank) blocks leave the least total error.
 
     Args:
-        options: for each bit width that fits the budget, the blocks with the rank each gets.
+        options: for each bit width that fits the budget, the blocks with the code columns each gets.
         balanced: whether the codes will be stored with balanced column gains.
     """
     return min(options, key=lambda bits: sum(layout_error(f, r, bits, balanced) for f, r in options[bits]))

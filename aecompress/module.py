@@ -80,6 +80,11 @@ class CompressorModule(L.LightningModule):
         latent_layout: with integer latents and a factorization start, ``balanced`` rescales
             the starting codes' columns (and the decoder's inputs) so that rounding spreads
             evenly (see :mod:`aecompress.lowbit`); ``plain`` starts from the codes as factored.
+        refine_codes: with integer latents, a linear or residual decoder and a factorization
+            start, let the latent grow past the factorization's full rank where the budget
+            allows (low ratios): each extra latent column starts as the rounding residual of a
+            leading column, stored finer (see :func:`aecompress.lowbit.refine`). A factorization
+            cannot use that budget; its rank stops at the matrix's smaller side.
         optimizer: optimizer factory, set from the config.
         lr_scheduler: optional scheduler factory, set from the config.
     """
@@ -103,6 +108,7 @@ class CompressorModule(L.LightningModule):
         storage_dtype: StorageDtype = "float32",
         latent_storage: LatentStorage | Literal["auto"] = "dtype",
         latent_layout: Literal["balanced", "plain"] = "balanced",
+        refine_codes: bool = True,
         cache_teacher: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -130,6 +136,7 @@ class CompressorModule(L.LightningModule):
             )
         self.init_kind, self.loss_kind, self.damp = init, loss, damp
         self.latent_auto, self.latent_layout = latent_storage == "auto", latent_layout
+        self.refine_codes = refine_codes and init != "random" and decoder in ("linear", "residual")
         self.cache_teacher = cache_teacher
         self._teacher: dict[bytes, object] = {}
         self.groups = [WeightGroup.from_dict(g) for g in groups]
@@ -159,9 +166,14 @@ class CompressorModule(L.LightningModule):
         self._log_sizes()
 
     def _solve(self, group: WeightGroup, latent_storage: str) -> AESpec:
-        """The largest spec of this config that fits the group's budget with that latent storage."""
+        """The largest spec of this config that fits the group's budget with that latent storage.
+
+        With refinement codes an integer latent may grow to twice the group's full rank.
+        """
         options = {**self._options, "latent_storage": latent_storage}
-        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.target_ratio, **options)
+        wider = self.refine_codes and latent_storage.startswith("int")
+        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.target_ratio,
+                          max_scale=2 * min(group.rows, group.width) if wider else None, **options)
 
     def _fitting_widths(self, group: WeightGroup) -> dict[int, AESpec]:
         """For ``latent_storage: auto``: each code width that fits the group's budget, with its spec."""
@@ -214,7 +226,7 @@ class CompressorModule(L.LightningModule):
     def choose_codes(self, group: WeightGroup, fact: Factorization) -> str:
         """``latent_storage: auto``: the code width whose start leaves the least error at this budget."""
         specs = self._fitting_widths(group)
-        options = {bits: [(fact, min(spec.latent, len(fact.s)))] for bits, spec in specs.items()}
+        options = {bits: [(fact, spec.latent)] for bits, spec in specs.items()}
         return specs[pick_bits(options, self.latent_layout == "balanced")].latent_storage
 
     def resolve_codes(self, group: WeightGroup, fact: Factorization) -> None:
@@ -281,15 +293,18 @@ class CompressorModule(L.LightningModule):
 
         Integer latents start from the balanced codes (:func:`aecompress.lowbit.balance`)
         that a factorization baseline of this rank and width stores; the autoencoder's
-        own rank can be a little lower, since its decoder bias is stored too. With a
+        own rank can be a little lower, since its decoder bias is stored too. Latent
+        columns past the full rank start as refinement codes (:func:`aecompress.lowbit.refine`). With a
         residual decoder the non-linear branch starts at zero, so the decoded rows equal the
         factorization exactly at step 0.
         """
         ae = self.autoencoder(name)
         fact = fact or self.factorization(name, rows, covariances, tokens)
-        a, b = fact.factors(ae.spec.latent, torch.float32)
+        rank = min(ae.spec.latent, len(fact.s))
+        a, b = fact.factors(rank, torch.float32)
         if ae.spec.latent_bits is not None:
-            a, b, _, _ = balance(a, b, ae.spec.latent_bits, None, self.latent_layout == "balanced")
+            balanced = self.latent_layout == "balanced"
+            a, b, _, _ = balance(a, b, ae.spec.latent_bits, None, balanced, ae.spec.latent - rank)
         linear = ae.decoder.linear if ae.spec.decoder == "residual" else ae.decoder[0]
         ae.latents.copy_(a)
         linear.weight.copy_(b.T)

@@ -141,22 +141,26 @@ def test_half_precision_storage_exports_exactly(tmp_path, tiny_dirs):
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)
 
 
-@pytest.mark.parametrize("storage", ["int8", "int4", "auto"])
-def test_integer_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs, storage):
-    cfg, ckpt = fit_and_export(tmp_path, tiny_dirs["llama"], ["down_proj"],
-                               **{"data.ratio": 4.0, "model.encoder": "free", "model.decoder": "linear",
+@pytest.mark.parametrize("storage,module,ratio", [("int8", "down_proj", 4.0), ("int4", "down_proj", 4.0),
+                                                   ("auto", "down_proj", 4.0), ("int8", "up_proj", 2.0)])
+def test_integer_latents_export_load_and_run_just_in_time(tmp_path, tiny_dirs, storage, module, ratio):
+    cfg, ckpt = fit_and_export(tmp_path, tiny_dirs["llama"], [module],
+                               **{"data.ratio": ratio, "model.encoder": "free", "model.decoder": "linear",
                                   "model.out_activation": "none", "model.enforce_norm": False, "model.init": "svd",
                                   "model.storage_dtype": "float16", "model.latent_storage": storage})
     meta = json.loads((tmp_path / "compact" / "aecompress.json").read_text())
     (group,) = meta["groups"]
-    chosen = torch.load(ckpt, weights_only=True)["aecompress_signature"]["specs"]["down_proj"]["latent_storage"]
+    spec = torch.load(ckpt, weights_only=True)["aecompress_signature"]["specs"][module]
+    chosen = spec["latent_storage"]
+    if module == "up_proj":  # 128 rows x 32 at ratio 2: refinement columns past the full rank of 32
+        assert spec["latent"] > spec["width"] == 32
     assert group["meta"]["spec"]["latent_storage"] == chosen != "auto"  # export rebuilt the width fit chose
     assert chosen == storage if storage != "auto" else chosen in {f"int{b}" for b in range(3, 9)}
     packed = chosen != "int8"
     assert group["tensors"]["latents"]["dtype"] == ("uint8" if packed else "int8")
     assert group["tensors"]["latents_scales"]["dtype"] == "float16"
     # An export says the oldest format that holds its codes: older readers refuse it, not misread it.
-    assert meta["format_version"] == (3 if packed else 2) and meta["achieved_ratio"] >= 4.0
+    assert meta["format_version"] == (3 if packed else 2) and meta["achieved_ratio"] >= ratio
     decoded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "decoded").state_dict()
     compact = aecompress.load_compact(tmp_path / "compact").state_dict()
     assert all(torch.equal(decoded[k], compact[k]) for k in decoded)

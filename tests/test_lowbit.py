@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aecompress.factorize import Factorization
-from aecompress.lowbit import GAIN_EXPONENTS, balance, gains, layout_error, pick_bits, rounding_error
+from aecompress.lowbit import GAIN_EXPONENTS, balance, gains, layout_error, pick_bits, refine, rounding_error
 from aecompress.rowquant import BITS, dequantize_rows, quantize_rows
 
 
@@ -68,3 +68,21 @@ def test_the_width_picked_is_the_one_with_least_truncation_plus_rounding():
     direct = float((dequantize_rows(*quantize_rows(a2, 6)) @ b2).double().sub(fact.wl).pow(2).sum())
     assert errors[6] == pytest.approx(direct, rel=1e-3)
     assert set(ranks) <= set(BITS)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_refinement_columns_keep_the_other_codes_and_cut_the_error_they_cover(bits):
+    fact = Factorization(spectrum_matrix(), None, None)
+    a, b = fact.factors(24, torch.float32)
+    wide, wide_b = refine(a, b, bits, 10)
+    assert wide.shape == (96, 34) and wide_b.shape == (34, 24)
+    torch.testing.assert_close(wide[:, :24] @ b, a @ b)
+    codes, scale = quantize_rows(a, bits)
+    wide_codes, wide_scale = quantize_rows(wide, bits)
+    assert torch.equal(wide_scale, scale) and torch.equal(wide_codes[:, :24], codes)  # nothing else moves
+    before = float((dequantize_rows(codes, scale) @ b - a @ b).double().pow(2).sum())
+    after = float((dequantize_rows(wide_codes, wide_scale) @ wide_b - a @ b).double().pow(2).sum())
+    assert after < before
+    # The error model used to pick widths matches what the stored codes leave.
+    assert rounding_error(a, torch.ones(24), bits, None, 10) == pytest.approx(after, rel=1e-3)
+    assert layout_error(fact, 34, bits, balanced=False) == pytest.approx(after, rel=1e-3)
