@@ -31,7 +31,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -51,7 +51,7 @@ Allocation = Literal["uniform", "greedy"]
 Normalize = Literal["member", "group"]
 FloatDtype = Literal["float32", "float16", "bfloat16"]
 Codes = Literal["dtype", "int3", "int4", "int5", "int6", "int7", "int8", "auto"]
-CODE_CHOICES = ("dtype", "int3", "int4", "int5", "int6", "int7", "int8", "auto")
+CODE_CHOICES = get_args(Codes)
 Layout = Literal["balanced", "plain"]
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -2,8 +2,8 @@
 
 A factorization ``W ≈ A B`` can store ``A`` (one row of codes per weight row) as
 3- to 8-bit integers with a float16 scale per row (:mod:`aecompress.rowquant`).
-Two choices decide what that rounding costs, and both are made here, once, for
-the factorization baselines and for the autoencoder that starts from them:
+What that rounding costs is decided here, once, for the factorization baselines
+and for the autoencoder that starts from them:
 
 - **Column gains.** ``A = (W L) V_r`` has columns of norm ``σ_j`` (for plain and
   whitened SVD), so each row's scale is set by its leading columns while every

@@ -75,8 +75,8 @@ class CompressorModule(L.LightningModule):
             budget buys a larger latent size. ``auto`` picks, per group when fitting starts, the
             width whose starting factorization leaves the least truncation plus rounding error
             (the rule of the baselines' ``codes: auto``, at the autoencoder's own sizes; needs a
-            linear or residual decoder); checkpoints record the width chosen. Training sees the rounding
-            (straight-through), so the latents validated are the latents stored.
+            linear or residual decoder); checkpoints record the width chosen. Training sees the
+            rounding (straight-through), so the latents validated are the latents stored.
         latent_layout: with integer latents and a factorization start, ``balanced`` rescales
             the starting codes' columns (and the decoder's inputs) so that rounding spreads
             evenly (see :mod:`aecompress.lowbit`); ``plain`` starts from the codes as factored.
@@ -230,8 +230,15 @@ class CompressorModule(L.LightningModule):
         return specs[pick_bits(options, self.latent_layout == "balanced")].latent_storage
 
     def resolve_codes(self, group: WeightGroup, fact: Factorization) -> None:
-        """``latent_storage: auto``: rebuild the group's autoencoder with the width :meth:`choose_codes` keeps."""
-        self._adopt(group, self._solve(group, self.choose_codes(group, fact)))
+        """``latent_storage: auto``: rebuild the group's autoencoder with the width :meth:`choose_codes` keeps.
+
+        Under DDP every rank adopts rank 0's width, so shapes agree even where floating
+        point ties could break differently on different machines.
+        """
+        width = self.choose_codes(group, fact)
+        if self._trainer is not None:
+            width = self.trainer.strategy.broadcast(width, src=0)
+        self._adopt(group, self._solve(group, width))
 
     def adopt_checkpoint_specs(self, checkpoint: dict) -> None:
         """``latent_storage: auto``: take each group's code width from a checkpoint, as chosen when it was fitted.
@@ -249,11 +256,7 @@ class CompressorModule(L.LightningModule):
                 self._adopt(g, spec)
 
     def setup(self, stage: str) -> None:
-        """Before fitting: attach calibration factors, choose ``auto`` code widths, start from a factorization.
-
-        Under DDP every rank adopts rank 0's widths, so shapes agree even where floating
-        point ties could break differently on different machines.
-        """
+        """Before fitting: attach calibration factors, choose ``auto`` code widths, start from a factorization."""
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
@@ -270,8 +273,7 @@ class CompressorModule(L.LightningModule):
             if self.latent_auto or self.init_kind != "random":
                 fact = self.factorization(g.name, datamodule.rows[g.name], covariances.get(g.name), tokens)
             if self.latent_auto:
-                width = self.trainer.strategy.broadcast(self.choose_codes(g, fact), src=0)
-                self._adopt(g, self._solve(g, width))
+                self.resolve_codes(g, fact)
             if self.init_kind != "random":
                 self.initialize(g.name, datamodule.rows[g.name], fact=fact)
 
@@ -294,9 +296,9 @@ class CompressorModule(L.LightningModule):
         Integer latents start from the balanced codes (:func:`aecompress.lowbit.balance`)
         that a factorization baseline of this rank and width stores; the autoencoder's
         own rank can be a little lower, since its decoder bias is stored too. Latent
-        columns past the full rank start as refinement codes (:func:`aecompress.lowbit.refine`). With a
-        residual decoder the non-linear branch starts at zero, so the decoded rows equal the
-        factorization exactly at step 0.
+        columns past the full rank start as refinement codes (:func:`aecompress.lowbit.refine`).
+        With a residual decoder the non-linear branch starts at zero, so the decoded rows
+        equal the factorization exactly at step 0.
         """
         ae = self.autoencoder(name)
         fact = fact or self.factorization(name, rows, covariances, tokens)
