@@ -21,10 +21,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from aecompress.checkpoints import load_weights
 from aecompress.data import WeightRowsDataModule
 from aecompress.errors import AECompressError
 from aecompress.export import ExportFormat, export, sidecar
-from aecompress.module import CompressorModule, load_weights
+from aecompress.module import CompressorModule
 from aecompress.streaming import export_streaming
 from aecompress.timing import FitTimer
 

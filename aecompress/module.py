@@ -24,6 +24,7 @@ from aecompress.autoencoder import (
     spec_for_scale,
 )
 from aecompress.budget import budget_bytes, original_bytes
+from aecompress.checkpoints import SIGNATURE, differences, normalized, state_problems
 from aecompress.errors import AECompressError
 from aecompress.factorize import DEFAULT_DAMP, Factorization, whitening
 from aecompress.groups import WeightGroup, substituted_params
@@ -413,8 +414,8 @@ class CompressorModule(L.LightningModule):
         self.adopt_checkpoint_specs(checkpoint)
         problems = []
         if SIGNATURE in checkpoint:
-            problems = _differences(_normalized(checkpoint[SIGNATURE]), self.signature())
-        problems = problems or _state_problems(self.state_dict(), checkpoint.get("state_dict", {}))
+            problems = differences(normalized(checkpoint[SIGNATURE]), self.signature())
+        problems = problems or state_problems(self.state_dict(), checkpoint.get("state_dict", {}))
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise AECompressError(f"checkpoint {path!r} was written by another config: {problems[0]}{more}")
@@ -437,79 +438,6 @@ class CompressorModule(L.LightningModule):
             meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.target_ratio}
             forms[g.name] = StoredForm("ae", g, tensors, meta)
         return forms
-
-
-def load_weights(module: CompressorModule, ckpt_path: str) -> None:
-    """Load a Lightning checkpoint's weights safely (no unpickling of arbitrary objects)."""
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise AECompressError(f"checkpoint {ckpt_path!r} does not exist") from err
-    except Exception as err:
-        raise AECompressError(f"cannot read checkpoint {ckpt_path!r} safely: {str(err).splitlines()[0]}") from err
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if state is None:
-        raise AECompressError(f"checkpoint {ckpt_path!r} has no state_dict; is it a Lightning checkpoint?")
-    module.adopt_checkpoint_specs(checkpoint)
-    problems = _state_problems(module.state_dict(), state)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AECompressError(f"checkpoint {ckpt_path!r} does not fit this config and model: {problems[0]}{more}")
-    module.load_state_dict(state)
-
-
-def _normalized(signature: dict) -> dict:
-    """A saved signature with its specs read as today's :class:`AESpec` (fields added later take their defaults).
-
-    A checkpoint from before a spec field existed (e.g. ``latent_storage``) then resumes
-    as long as it agrees on everything it did record.
-    """
-    specs = signature.get("specs")
-    if not isinstance(specs, dict):
-        return signature
-    try:
-        return {**signature, "specs": {name: AESpec.from_dict(spec).to_dict() for name, spec in specs.items()}}
-    except (AECompressError, KeyError, TypeError, ValueError):
-        return signature  # let the comparison name the difference
-
-
-def _state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
-    """How a checkpoint's state dict differs from the module's: shapes, missing and unexpected keys."""
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    problems = mismatched + [f"missing {k}" for k in sorted(set(own) - set(state))]
-    return problems + [f"unexpected {k}" for k in sorted(set(state) - set(own))]
-
-
-SIGNATURE = "aecompress_signature"
-
-
-def _differences(saved, current, path: str = "") -> list[str]:
-    """Where two signatures differ, as ``path: checkpoint X, this config Y`` lines (first difference first)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = [f"{path}{k}: in this config only" for k in current if k not in saved]
-        out += [f"{path}{k}: in the checkpoint only" for k in saved if k not in current]
-        for k in saved:
-            if k in current:
-                out += _differences(saved[k], current[k], f"{path}{k}.")
-        return out
-    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
-        out = []
-        for i, (a, b) in enumerate(zip(saved, current)):
-            out += _differences(a, b, f"{path}{i}.")
-        return out
-    if saved != current:
-        return [f"{path.rstrip('.')}: checkpoint {_short(saved)}, this config {_short(current)}"]
-    return []
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 
 def _key(name: str) -> str:

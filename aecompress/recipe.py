@@ -68,9 +68,10 @@ def train_recipe(
         run_dir: where this run's config, logs and checkpoints go.
         overrides: dotted recipe keys to replace (``model.storage_dtype``...).
     """
+    from aecompress.checkpoints import load_weights
     from aecompress.cli import AECompressCLI, AETrainer
     from aecompress.data import WeightRowsDataModule, preloaded
-    from aecompress.module import CompressorModule, load_weights
+    from aecompress.module import CompressorModule
 
     path = Path(recipe_path)
     if not path.is_file():

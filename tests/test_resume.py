@@ -86,15 +86,16 @@ def test_resume_with_another_config_is_refused(killed, capsys):
 
 @pytest.mark.parametrize("latent_storage,refused", [("dtype", False), ("int8", True)])
 def test_a_checkpoint_from_before_a_spec_field_existed_is_read_with_its_default(tiny_dirs, latent_storage, refused):
+    from aecompress.checkpoints import differences, normalized
     from aecompress.data import WeightRowsDataModule
-    from aecompress.module import CompressorModule, _differences, _normalized
+    from aecompress.module import CompressorModule
 
     dm = WeightRowsDataModule(model=str(tiny_dirs["llama"]), modules=["k_proj"], ratio=2.0)
     module = CompressorModule(groups=dm.group_specs, encoder="free", decoder="linear", out_activation="none",
                               enforce_norm=False, latent_storage=latent_storage)
     old = module.signature()
     old["specs"] = {name: {k: v for k, v in spec.items() if k != "latent_storage"} for name, spec in old["specs"].items()}
-    problems = _differences(_normalized(old), module.signature())
+    problems = differences(normalized(old), module.signature())
     assert bool(problems) == refused
     if refused:
         assert "latent_storage" in problems[0]
