@@ -13,6 +13,7 @@ def _fit(tiny_lm, tmp_path: Path, lr: float, at_start: bool | None) -> dict:
     recipe = yaml.safe_load((CONFIGS / "best.yaml").read_text())
     config = _local(recipe, tiny_lm["model"], f"{tiny_lm['text']}:all", tmp_path)
     config["model"]["optimizer"]["init_args"]["lr"] = lr
+    config["model"]["lr_scheduler"] = None  # warmup would tame the wrecking learning rate below
     config["trainer"].update(max_epochs=2, limit_train_batches=2)
     for cb in config["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelQualityCallback"):
