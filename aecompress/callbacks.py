@@ -86,8 +86,27 @@ class ModelQualityCallback(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not all(hasattr(datamodule, a) for a in ("hf_model", "rows", "source")):
             raise AECompressError("ModelQualityCallback needs aecompress's WeightRowsDataModule (with hf_model and rows)")
+        self._check_checkpoints(trainer)
         if self._tokenizer is None:
             self._tokenizer = evaluate.load_tokenizer(datamodule.source)
+
+    def _check_checkpoints(self, trainer: L.Trainer) -> None:
+        """Refuse a ``ModelCheckpoint`` that would look for our values on epochs we skip.
+
+        Lightning only notices after the first epoch that the monitored key is missing;
+        saying so before any training costs the user nothing.
+        """
+        for checkpoint in getattr(trainer, "checkpoint_callbacks", ()):
+            if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.monitor:
+                continue
+            name = checkpoint.monitor.removeprefix("val/")
+            every = getattr(checkpoint, "_every_n_epochs", 1)
+            if name in evaluate.METRICS and every and every % self.every_n_epochs:
+                raise AECompressError(
+                    f"ModelCheckpoint(monitor={checkpoint.monitor!r}) has every_n_epochs={every}, but "
+                    f"ModelQualityCallback measures it every {self.every_n_epochs} epochs; give the checkpoint "
+                    f"every_n_epochs={self.every_n_epochs} (or a multiple)"
+                )
 
     def _prepare(self, model: torch.nn.Module) -> None:
         """Choose metrics, tokenize the data and embed the original once (before any substitution)."""

@@ -313,6 +313,23 @@ def test_callback_logs_validation_perplexity_and_restores_the_model(tmp_path, st
     assert any("val/perplexity" in str(v) for v in checkpoint["callbacks"].values())
 
 
+def test_callback_refuses_a_checkpoint_that_looks_on_epochs_it_skips(tmp_path, story, capsys):
+    source = _with_tokenizer(build_tiny("llama"), tmp_path / "llama")
+    callbacks = [
+        {"class_path": "aecompress.callbacks.ModelQualityCallback",
+         "init_args": {"data": f"{story}:validation", "window": 32, "max_tokens": 256, "every_n_epochs": 2}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/perplexity", "mode": "min"}},
+    ]
+    cfg = write_config(tmp_path / "cfg.yaml", source, ["k_proj"], tmp_path,
+                       **{"trainer.callbacks": callbacks, "trainer.max_epochs": 2})
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "every_n_epochs=1" in err and "measures it every 2 epochs" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_callback_measures_decoded_weights_then_restores_the_originals(tmp_path, story):
     from types import SimpleNamespace
 

@@ -35,6 +35,7 @@ def _local(recipe: dict, model: Path, text: str, workdir: Path) -> dict:
             args.update(data=text, window=32, every_n_epochs=1, max_tokens=256)
         if cb["class_path"].endswith("ModelCheckpoint"):
             args["dirpath"] = str(workdir / "ckpt")
+            args.pop("every_n_epochs", None)  # the one trained epoch must be a checkpoint epoch
         callbacks.append({**cb, "init_args": args})
     trainer["callbacks"] = callbacks
     return {**recipe, "data": data, "trainer": trainer}
