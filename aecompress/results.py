@@ -171,6 +171,10 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
     # One row per group, one column per metric, so the figure stays readable as both grow.
     fig, axes = plt.subplots(len(groups), len(metrics), figsize=(4.8 * len(metrics), 3.6 * len(groups)), squeeze=False)
     panels = [(g, m) for g in groups for m in metrics]
+    # One style per method in every panel; past ten methods the default colour cycle repeats.
+    names = list(dict.fromkeys(r.method for r in measured if r.method != "original"))
+    palette = plt.get_cmap("tab20")
+    styles = {name: _style(name, palette(i % 20)) for i, name in enumerate(names)}
     for ax, (group, metric) in zip(axes.flatten(), panels):
         for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
             points = sorted(
@@ -179,7 +183,7 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
                 if r.group == group and r.method == method and r.metric == metric
             )
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                ax.plot(*zip(*points), label=method, **styles[method])
         for r in measured:
             if r.method == "original" and r.metric == metric:
                 ax.axhline(_value(r.value), color="black", linestyle="--", linewidth=1, label="original")
@@ -198,3 +202,10 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _style(method: str, color) -> dict:
+    """Autoencoder rows (``ae...``) stand out: thicker lines and star markers."""
+    if method.startswith("ae"):
+        return {"color": color, "marker": "*", "markersize": 9, "linewidth": 2.2}
+    return {"color": color, "marker": "o", "markersize": 4, "linewidth": 1.2}
