@@ -86,17 +86,16 @@ class ModelQualityCallback(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not all(hasattr(datamodule, a) for a in ("hf_model", "rows", "source")):
             raise AECompressError("ModelQualityCallback needs aecompress's WeightRowsDataModule (with hf_model and rows)")
-        self._check_checkpoints(trainer)
         if self._tokenizer is None:
             self._tokenizer = evaluate.load_tokenizer(datamodule.source)
 
-    def _check_checkpoints(self, trainer: L.Trainer) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a ``ModelCheckpoint`` that would look for our values on epochs we skip.
 
         Lightning only notices after the first epoch that the monitored key is missing;
-        saying so before any training costs the user nothing.
+        saying so before any training costs the user nothing. Only ``fit`` checkpoints.
         """
-        for checkpoint in getattr(trainer, "checkpoint_callbacks", ()):
+        for checkpoint in trainer.checkpoint_callbacks:
             if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.monitor:
                 continue
             name = checkpoint.monitor.removeprefix("val/")
