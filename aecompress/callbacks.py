@@ -14,12 +14,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from aecompress import evaluate, text
+from aecompress import evaluate, significance, text
 from aecompress.errors import AECompressError
 from aecompress.groups import assign_rows
 from aecompress.stored import decode
 
 log = logging.getLogger(__name__)
+
+GUARDED = "_significant"
+"""Suffix of the values that move only on a significant gain over the start (see ``significance``)."""
 
 
 class ModelQualityCallback(Callback):
@@ -44,6 +47,12 @@ class ModelQualityCallback(Callback):
             checkpoint. ``None`` (default): only when the compressor starts from a
             factorization (``model.init`` other than ``random``), so a run selected on
             validation can never end worse than the factorization it started from.
+        significance: if set (needs the start measured), also log ``val/<metric>_significant``
+            for ``perplexity`` and ``embedding_fidelity``: the measured value where it beats the
+            start's by at least this many standard errors of their paired per-item difference,
+            the start's value elsewhere (and the z-score as ``val/<metric>_z``). Monitor it
+            instead of ``val/<metric>`` so that only a gain the validation slice can resolve
+            replaces the start.
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class ModelQualityCallback(Callback):
         window: int | None = None,
         batch_size: int = 4,
         at_start: bool | None = None,
+        significance: float | None = None,
     ):
         spec = text.parse_spec(data)
         if spec.is_test:
@@ -64,6 +74,8 @@ class ModelQualityCallback(Callback):
             )
         if every_n_epochs < 1:
             raise AECompressError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        if significance is not None and not significance > 0:
+            raise AECompressError(f"significance must be a positive number of standard errors (e.g. 2.0), got {significance}")
         if metrics is not None:
             unknown = [m for m in metrics if m not in evaluate.METRICS]
             if unknown:
@@ -75,11 +87,14 @@ class ModelQualityCallback(Callback):
         self.window = window
         self.batch_size = batch_size
         self.at_start = at_start
+        self.significance = significance
         self.start_seconds = 0.0  # time of the before-the-first-step measurement (FitTimer counts it as validation)
         self._tokenizer = None
         self._ids: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
         self._chosen: list[str] | None = None
+        self._start: dict[str, float] = {}  # the start's values, and its per-item scores below, when guarding
+        self._start_items: dict[str, torch.Tensor] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the data module carries a model, and load its tokenizer once."""
@@ -99,8 +114,13 @@ class ModelQualityCallback(Callback):
             if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.monitor:
                 continue
             name = checkpoint.monitor.removeprefix("val/")
+            if name.endswith(GUARDED) and self.significance is None:
+                raise AECompressError(
+                    f"ModelCheckpoint monitors {checkpoint.monitor!r}, which ModelQualityCallback logs only with "
+                    f"significance set (e.g. significance: 2.0); or monitor {checkpoint.monitor.removesuffix(GUARDED)!r}"
+                )
             every = getattr(checkpoint, "_every_n_epochs", 1)
-            if name in evaluate.METRICS and every and every % self.every_n_epochs:
+            if name.removesuffix(GUARDED) in evaluate.METRICS and every and every % self.every_n_epochs:
                 raise AECompressError(
                     f"ModelCheckpoint(monitor={checkpoint.monitor!r}) has every_n_epochs={every}, but "
                     f"ModelQualityCallback measures it every {self.every_n_epochs} epochs; give the checkpoint "
@@ -121,21 +141,28 @@ class ModelQualityCallback(Callback):
             self._reference = evaluate.fidelity_reference(model, self._tokenizer, self.data, self.max_tokens)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Substitute, measure, restore, log ``val/<metric>``."""
+        """Substitute, measure, restore, log ``val/<metric>`` (and the guarded values)."""
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        results = self.measure(trainer, pl_module) if trainer.is_global_zero else None
+        results = self._measure_guarded(trainer, pl_module) if trainer.is_global_zero else None
         results = trainer.strategy.broadcast(results, src=0)
         for name, value in results.items():
-            pl_module.log(f"val/{name}", float(value), prog_bar=True, add_dataloader_idx=False, sync_dist=False)
+            pl_module.log(f"val/{name}", float(value), prog_bar=not name.endswith("_z"), add_dataloader_idx=False,
+                          sync_dist=False)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure the starting point and let checkpointing keep it if nothing later beats it."""
         starts_from_factors = getattr(pl_module, "init_kind", "random") != "random"
-        if trainer.global_step != 0 or not (starts_from_factors if self.at_start is None else self.at_start):
+        measure_start = starts_from_factors if self.at_start is None else self.at_start
+        if self.significance is not None and not measure_start:
+            raise AECompressError(
+                "ModelQualityCallback significance compares trained steps with the start, but the start is not "
+                "measured (model.init is random or at_start is false); set at_start: true or drop significance"
+            )
+        if trainer.global_step != 0 or not measure_start:
             return
         start = time.perf_counter()
-        results = self.measure(trainer, pl_module) if trainer.is_global_zero else None
+        results = self._measure_start(trainer, pl_module) if trainer.is_global_zero else None
         results = trainer.strategy.broadcast(results, src=0)
         self.start_seconds = time.perf_counter() - start
         metrics = {f"val/{name}": torch.tensor(float(value)) for name, value in results.items()}
@@ -149,9 +176,47 @@ class ModelQualityCallback(Callback):
                 # goes through its own top-k bookkeeping, so a later epoch replaces it only if better.
                 checkpoint._save_topk_checkpoint(trainer, {**checkpoint._monitor_candidates(trainer), **metrics})
 
+    def _measure_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The start's values; when guarding, keep its per-item scores and log it as its own guarded value."""
+        items: dict[str, torch.Tensor] = {}
+        results = self.measure(trainer, pl_module, items if self.significance is not None else None)
+        if self.significance is None:
+            return results
+        self._start, self._start_items = dict(results), items
+        return {**results, **{f"{name}{GUARDED}": results[name] for name in items}}
+
+    def _measure_guarded(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """This epoch's values, plus ``<metric>_significant`` and ``<metric>_z`` when guarding."""
+        if self.significance is None:
+            return self.measure(trainer, pl_module)
+        if not self._start_items:
+            raise AECompressError(
+                "ModelQualityCallback significance has no start to compare with: the run was resumed from a "
+                "checkpoint written before significance was set; start the run again"
+            )
+        items: dict[str, torch.Tensor] = {}
+        results = self.measure(trainer, pl_module, items)
+        extra: dict[str, float] = {}
+        for name, scores in items.items():
+            block = significance.BLOCK_TOKENS if name == "perplexity" else 1
+            z = significance.gain_z(scores, self._start_items[name], evaluate.HIGHER_IS_BETTER[name], block)
+            extra[f"{name}{GUARDED}"] = results[name] if z >= self.significance else self._start[name]
+            extra[f"{name}_z"] = z
+        return {**results, **extra}
+
+    def state_dict(self) -> dict:
+        """The start's values and per-item scores, so a resumed run still compares with its start."""
+        return {"start": dict(self._start), "start_items": dict(self._start_items)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._start = dict(state_dict.get("start", {}))
+        self._start_items = dict(state_dict.get("start_items", {}))
+
     @torch.no_grad()
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """The metrics of the data module's model with the current decoded weights."""
+    def measure(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, items: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """The metrics of the data module's model with the current decoded weights (per-item scores into ``items``)."""
         datamodule = trainer.datamodule
         model = datamodule.hf_model
         model_device = next(model.parameters()).device
@@ -168,6 +233,7 @@ class ModelQualityCallback(Callback):
             return evaluate.evaluate_model(
                 model, self._tokenizer, self.data, self._chosen, reference=self._reference,
                 max_tokens=self.max_tokens, window=self.window, batch_size=self.batch_size, ids=self._ids,
+                items=items,
             )
         finally:
             model.to(model_device)

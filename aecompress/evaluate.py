@@ -81,35 +81,48 @@ def _window(model: nn.Module, window: int | None, default: int) -> int:
 # --------------------------------------------------------------------------- causal LM
 
 
-def _batch_nll(model: nn.Module, batch: torch.Tensor, first: bool, stride: int) -> tuple[float, int]:
-    """Summed NLL of one batch of windows; ``first`` says the batch holds the stream's first window."""
+def _batch_token_nll(model: nn.Module, batch: torch.Tensor, first: bool, stride: int) -> torch.Tensor:
+    """NLL of each scored token of one batch of windows (float64, CPU), in stream order.
+
+    ``first`` says the batch holds the stream's first window.
+    """
     window = batch.shape[1]
     labels = torch.full_like(batch, -100)
     labels[:, :-1] = batch[:, 1:]  # position t predicts token t + 1; no copy of the logits needed
     if stride < window:  # windows after the first score only their last ``stride`` tokens
         labels[1 if first else 0 :, : window - 1 - stride] = -100
     logits = model(input_ids=batch, use_cache=False).logits
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-    return float(nll.double()), int((labels != -100).sum())
+    flat = labels.reshape(-1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, reduction="none")
+    return nll[flat != -100].double().cpu()
 
 
 @torch.no_grad()
-def causal_nll(
+def causal_token_nll(
     model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int = 512, batch_size: int = 4
-) -> tuple[float, int]:
-    """Summed next-token NLL and the number of tokens it covers.
+) -> torch.Tensor:
+    """Next-token NLL of every scored token, in stream order (float64, CPU).
 
     The first window scores all its ``window - 1`` predictions; every later window
     (starting ``stride`` tokens after the previous one) scores only its last ``stride``
-    tokens, each with up to ``window - 1`` tokens of context.
+    tokens, each with up to ``window - 1`` tokens of context. Per-token values let two
+    models be compared on the same tokens (see :mod:`aecompress.significance`).
     """
     chunks = text.windows(ids, window, stride)
     device = _device(model)
-    total, count = 0.0, 0
-    for begin in range(0, len(chunks), batch_size):
-        nll, n = _batch_nll(model, chunks[begin : begin + batch_size].to(device), begin == 0, stride)
-        total, count = total + nll, count + n
-    return total, count
+    parts = [
+        _batch_token_nll(model, chunks[begin : begin + batch_size].to(device), begin == 0, stride)
+        for begin in range(0, len(chunks), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def causal_nll(
+    model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int = 512, batch_size: int = 4
+) -> tuple[float, int]:
+    """Summed next-token NLL and the number of tokens it covers (see :func:`causal_token_nll`)."""
+    nll = causal_token_nll(model, ids, window, stride, batch_size)
+    return float(nll.sum()), len(nll)
 
 
 def causal_perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int = 512, batch_size: int = 4) -> float:
@@ -122,10 +135,13 @@ def causal_perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, st
         stride: tokens between window starts; ``stride == window`` gives disjoint windows.
         batch_size: windows per forward pass.
     """
+    return math.exp(float(_checked_token_nll(model, ids, window, stride, batch_size).mean()))
+
+
+def _checked_token_nll(model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int) -> torch.Tensor:
     if model_kind(model) != "causal_lm":
         raise AECompressError(_cannot("perplexity", model))
-    nll, count = causal_nll(model, ids, window, stride, batch_size)
-    return math.exp(nll / count)
+    return causal_token_nll(model, ids, window, stride, batch_size)
 
 
 # --------------------------------------------------------------------------- masked LM
@@ -275,11 +291,18 @@ def embedding_fidelity(
         tokenizer: the shared tokenizer.
         sentences: the texts to embed.
     """
+    return float(fidelity_cosines(model, reference, tokenizer, sentences).mean())
+
+
+def fidelity_cosines(
+    model: nn.Module, reference: nn.Module | torch.Tensor, tokenizer, sentences: list[str]
+) -> torch.Tensor:
+    """Each sentence's cosine between the model's and the original's embedding (float64), in order."""
     ours = embed(model, tokenizer, sentences, max_length=FIDELITY_LENGTH)
     theirs = reference if isinstance(reference, torch.Tensor) else embed(reference, tokenizer, sentences, FIDELITY_LENGTH)
     if theirs.shape != ours.shape:
         raise AECompressError(f"reference embeddings have shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
-    return float(F.cosine_similarity(ours.double(), theirs.double(), dim=1).mean())
+    return F.cosine_similarity(ours.double(), theirs.double(), dim=1)
 
 
 def lee_correlation(model: nn.Module, tokenizer) -> tuple[float, float]:
@@ -391,6 +414,7 @@ def evaluate_model(
     batch_size: int = 4,
     seed: int = 0,
     ids: torch.Tensor | None = None,
+    items: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Measure a model: the one entry point for the callback, the command and the benchmark.
 
@@ -408,6 +432,9 @@ def evaluate_model(
         batch_size: sequences per forward pass.
         seed: masking seed for ``mlm_perplexity``.
         ids: the token stream of ``data`` if the caller already holds it.
+        items: if given, filled with the per-item scores behind ``perplexity`` (each token's
+            NLL) and ``embedding_fidelity`` (each sentence's cosine), so two models measured
+            on the same items can be compared pairwise (:mod:`aecompress.significance`).
 
     Returns:
         Metric name to value, in the order asked.
@@ -423,18 +450,26 @@ def evaluate_model(
     for metric in chosen:
         if metric == "perplexity":
             w = _window(model, window, 512)
-            results[metric] = causal_perplexity(model, ids, w, stride or w, batch_size)
+            nll = _checked_token_nll(model, ids, w, stride or w, batch_size)
+            results[metric] = math.exp(float(nll.mean()))
+            _keep(items, metric, nll)
         elif metric == "mlm_perplexity":
             results[metric] = mlm_perplexity(model, tokenizer, ids, seed, window, batch_size)
         elif metric == "embedding_fidelity":
-            sentences = fidelity_sentences(data, tokenizer, max_tokens)
-            results[metric] = embedding_fidelity(model, reference, tokenizer, sentences)
+            cosines = fidelity_cosines(model, reference, tokenizer, fidelity_sentences(data, tokenizer, max_tokens))
+            results[metric] = float(cosines.mean())
+            _keep(items, metric, cosines)
         elif metric in ("lee_pearson", "lee_spearman"):
             if metric not in results:
                 results["lee_pearson"], results["lee_spearman"] = lee_correlation(model, tokenizer)
         elif metric == "polarity_accuracy":
             results[metric] = polarity_accuracy(model, tokenizer)
     return {m: results[m] for m in chosen}
+
+
+def _keep(items: dict[str, torch.Tensor] | None, metric: str, scores: torch.Tensor) -> None:
+    if items is not None:
+        items[metric] = scores
 
 
 # --------------------------------------------------------------------------- throughput
@@ -467,7 +502,7 @@ def measure_throughput(
         model(input_ids=batch, use_cache=False)
         _sync(device)
         middle = time.perf_counter()
-        _batch_nll(model, batch, begin == 0, stride)
+        _batch_token_nll(model, batch, begin == 0, stride)
         _sync(device)
         bare, full = bare + middle - start, full + time.perf_counter() - middle
     tokens = chunks.numel()
