@@ -572,6 +572,27 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _compare(items: dict[str, torch.Tensor], runtime: bool, target: torch.device, tokenizer, against: str,
+             data: str, wanted: list[str], **options) -> dict[str, float]:
+    """Measure ``against`` on the same items; its values as ``<metric>_against``, the paired z as ``<metric>_z``."""
+    from aecompress import significance
+
+    other_model, _, _ = load_any(against, runtime)
+    other_items: dict[str, torch.Tensor] = {}
+    theirs = evaluate_model(other_model.to(target), tokenizer, data, wanted, **options, items=other_items)
+    del other_model
+    out = {f"{m}_against": v for m, v in theirs.items()}
+    for name, scores in items.items():
+        if other_items[name].shape != scores.shape:
+            raise AECompressError(f"{against} was measured on {len(other_items[name])} items of {name}, "
+                                  f"the model on {len(scores)}; compare models that share a tokenizer")
+        block = significance.BLOCK_TOKENS if name == "perplexity" else 1
+        out[f"{name}_z"] = significance.gain_z(scores, other_items[name], HIGHER_IS_BETTER[name], block)
+    print(f"against: {against}")
+    print(format_table(out))
+    return out
+
+
 def format_table(results: dict[str, float]) -> str:
     """A two-column text table of metric values."""
     width = max(len("metric"), *(len(k) for k in results))
@@ -593,6 +614,7 @@ def evaluate_command(
     device: str = "auto",
     throughput: bool = False,  # noqa: A002 - the flag users type is --throughput
     runtime: bool = False,
+    against: str | None = None,
 ) -> dict[str, float]:
     """Measure a model (original, decoded export or compact export) on text.
 
@@ -614,6 +636,10 @@ def evaluate_command(
         throughput: also time the perplexity loop against a bare forward pass over the same windows.
         runtime: load a compact export in its run-time form (decoded just in time), to
             measure quality as it will run.
+        against: another model (any form ``--model`` takes) measured on the same items: its
+            values, and for perplexity and embedding fidelity how many standard errors of the
+            paired per-item difference ``--model`` is better by (negative: worse), so a small
+            difference between two compressed models can be told from noise.
     """
     import json as json_lib
 
@@ -633,13 +659,19 @@ def evaluate_command(
 
         reference = load_model(reference_name)[0].to(target)
     start = time.perf_counter()
-    results = evaluate_model(hf_model, tokenizer, data, wanted, reference, max_tokens, window, stride, batch_size, seed)
+    items: dict[str, torch.Tensor] = {}
+    results = evaluate_model(hf_model, tokenizer, data, wanted, reference, max_tokens, window, stride, batch_size, seed,
+                             items=items)
     seconds = time.perf_counter() - start
     header = f"model: {model}" + (f" (original: {reference_name})" if reference_name else "") + f"   data: {data}"
     print(header)
     print(format_table(results))
     print(f"({seconds:.1f} s on {target})")
     out: dict[str, float] = dict(results)
+    if against:
+        other = dict(against=against, data=data, wanted=wanted, reference=reference, max_tokens=max_tokens,
+                     window=window, stride=stride, batch_size=batch_size, seed=seed)
+        out.update(_compare(items, runtime, target, tokenizer, **other))
     if throughput:
         if model_kind(hf_model) != "causal_lm":
             raise AECompressError(f"--throughput times the perplexity loop, which {type(hf_model).__name__} cannot run")

@@ -198,6 +198,30 @@ def test_evaluate_command_on_original_decoded_and_compact(tmp_path, story, capsy
     assert results["original"]["perplexity"] == pytest.approx(evaluate.causal_perplexity(model, ids, 32, 32))
 
 
+def test_evaluate_against_another_model_gives_its_values_and_the_paired_z(tmp_path, story, capsys):
+    from tests.test_cli import fit_and_export
+
+    source = _with_tokenizer(build_tiny("llama"), tmp_path / "llama")
+    fit_and_export(tmp_path, source, ["k_proj"])
+    data = f"{story}:validation"
+    out = tmp_path / "r.json"
+    main(["evaluate", "--model", str(tmp_path / "decoded"), "--data", data, "--window", "32",
+          "--against", str(source), "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"perplexity", "perplexity_against", "perplexity_z"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    ids = text.token_ids(data, transformers.AutoTokenizer.from_pretrained(source))
+    assert results["perplexity_against"] == pytest.approx(evaluate.causal_perplexity(model, ids, 32, 32))
+    # Lower perplexity than the other model is a positive z, and the other way round.
+    assert results["perplexity_z"] != 0
+    assert (results["perplexity_z"] > 0) == (results["perplexity"] < results["perplexity_against"])
+    assert f"against: {source}" in capsys.readouterr().out
+    main(["evaluate", "--model", str(source), "--data", data, "--window", "32", "--against", str(source),
+          "--json", str(out)])
+    same = json.loads(out.read_text())
+    assert same["perplexity_z"] == 0 and same["perplexity"] == same["perplexity_against"]
+
+
 def test_evaluate_command_throughput_and_token_slice(tmp_path, story, capsys):
     source = _with_tokenizer(build_tiny("gpt2"), tmp_path / "gpt2")
     out = tmp_path / "r.json"
