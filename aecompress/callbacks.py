@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from aecompress import evaluate, significance, text
+from aecompress import evaluate, text
 from aecompress.errors import AECompressError
 from aecompress.groups import assign_rows
 from aecompress.stored import decode
@@ -198,8 +198,7 @@ class ModelQualityCallback(Callback):
         results = self.measure(trainer, pl_module, items)
         extra: dict[str, float] = {}
         for name, scores in items.items():
-            block = significance.BLOCK_TOKENS if name == "perplexity" else 1
-            z = significance.gain_z(scores, self._start_items[name], evaluate.HIGHER_IS_BETTER[name], block)
+            z = evaluate.paired_z(name, scores, self._start_items[name])
             extra[f"{name}{GUARDED}"] = results[name] if z >= self.significance else self._start[name]
             extra[f"{name}_z"] = z
         return {**results, **extra}

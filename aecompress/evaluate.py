@@ -28,7 +28,7 @@ import transformers
 from torch import nn
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-from aecompress import text
+from aecompress import significance, text
 from aecompress.errors import AECompressError
 
 log = logging.getLogger(__name__)
@@ -467,6 +467,16 @@ def evaluate_model(
     return {m: results[m] for m in chosen}
 
 
+def paired_z(metric: str, scores: torch.Tensor, other: torch.Tensor) -> float:
+    """How many standard errors ``scores`` beat ``other`` by, on the same items of ``metric``.
+
+    The items are those ``evaluate_model(items=...)`` fills: neighbouring tokens are correlated,
+    so their spread comes from blocks of ``significance.BLOCK_TOKENS``; sentences stand alone.
+    """
+    block = significance.BLOCK_TOKENS if metric == "perplexity" else 1
+    return significance.gain_z(scores, other, HIGHER_IS_BETTER[metric], block)
+
+
 def _keep(items: dict[str, torch.Tensor] | None, metric: str, scores: torch.Tensor) -> None:
     if items is not None:
         items[metric] = scores
@@ -575,8 +585,6 @@ def _resolve_device(device: str) -> torch.device:
 def _compare(items: dict[str, torch.Tensor], runtime: bool, target: torch.device, tokenizer, against: str,
              data: str, wanted: list[str], **options) -> dict[str, float]:
     """Measure ``against`` on the same items; its values as ``<metric>_against``, the paired z as ``<metric>_z``."""
-    from aecompress import significance
-
     other_model, _, _ = load_any(against, runtime)
     other_items: dict[str, torch.Tensor] = {}
     theirs = evaluate_model(other_model.to(target), tokenizer, data, wanted, **options, items=other_items)
@@ -586,8 +594,7 @@ def _compare(items: dict[str, torch.Tensor], runtime: bool, target: torch.device
         if other_items[name].shape != scores.shape:
             raise AECompressError(f"{against} was measured on {len(other_items[name])} items of {name}, "
                                   f"the model on {len(scores)}; compare models that share a tokenizer")
-        block = significance.BLOCK_TOKENS if name == "perplexity" else 1
-        out[f"{name}_z"] = significance.gain_z(scores, other_items[name], HIGHER_IS_BETTER[name], block)
+        out[f"{name}_z"] = paired_z(name, scores, other_items[name])
     print(f"against: {against}")
     print(format_table(out))
     return out
