@@ -52,7 +52,8 @@ class ModelQualityCallback(Callback):
             start's by at least this many standard errors of their paired per-item difference,
             the start's value elsewhere (and the z-score as ``val/<metric>_z``). Monitor it
             instead of ``val/<metric>`` so that only a gain the validation slice can resolve
-            replaces the start.
+            replaces the start. ``model.refine_codes: auto`` decides by the same threshold
+            whether refinement columns replace the plain factorization start.
     """
 
     def __init__(

@@ -16,6 +16,8 @@ def _fit(tiny_lm, tmp_path: Path, lr: float, at_start: bool | None, significance
     config["model"]["optimizer"]["init_args"]["lr"] = lr
     config["model"]["lr_scheduler"] = None  # warmup would tame the wrecking learning rate below
     config["trainer"].update(max_epochs=2, limit_train_batches=2)
+    if significance is None:
+        config["model"]["refine_codes"] = True  # auto decides by the significance these runs go without
     for cb in config["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelQualityCallback"):
             cb["init_args"].update(at_start=at_start, significance=significance)
