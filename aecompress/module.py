@@ -25,6 +25,7 @@ from aecompress.autoencoder import (
     spec_for_scale,
 )
 from aecompress.budget import budget_bytes, original_bytes
+from aecompress.callbacks import ModelQualityCallback
 from aecompress.checkpoints import SIGNATURE, differences, normalized, state_problems
 from aecompress.errors import AECompressError
 from aecompress.factorize import DEFAULT_DAMP, Factorization, whitening
@@ -303,10 +304,8 @@ class CompressorModule(L.LightningModule):
         for g in self.groups if quality is not None else []:  # every group started: each choice sees the others'
             self.choose_refinement(g, facts[g.name], datamodule.rows[g.name], quality)
 
-    def _quality_callback(self):
+    def _quality_callback(self) -> ModelQualityCallback:
         """``refine_codes: auto``: the ``ModelQualityCallback`` whose data and significance decide."""
-        from aecompress.callbacks import ModelQualityCallback
-
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, ModelQualityCallback)]
         if not found or found[0].significance is None:
             raise AECompressError(
@@ -316,7 +315,8 @@ class CompressorModule(L.LightningModule):
             )
         return found[0]
 
-    def choose_refinement(self, group: WeightGroup, fact: Factorization, rows: torch.Tensor, quality) -> None:
+    def choose_refinement(self, group: WeightGroup, fact: Factorization, rows: torch.Tensor,
+                          quality: ModelQualityCallback) -> None:
         """``refine_codes: auto``: keep the refined start only if it measures significantly better.
 
         The plain factorization start (codes up to full rank, its own best width under
@@ -346,7 +346,9 @@ class CompressorModule(L.LightningModule):
             self._adopt(group, refined if keep else plain)
         self.initialize(group.name, rows, fact=fact)
 
-    def _start_scores(self, group: WeightGroup, spec: AESpec, fact: Factorization, rows: torch.Tensor, quality):
+    def _start_scores(
+        self, group: WeightGroup, spec: AESpec, fact: Factorization, rows: torch.Tensor, quality: ModelQualityCallback
+    ) -> dict[str, torch.Tensor]:
         """The callback's per-item scores of the model with this group started at ``spec``."""
         self._adopt(group, spec)
         self.initialize(group.name, rows, fact=fact)
