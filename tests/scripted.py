@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from aecompress.callbacks import ModelQualityCallback
+from aecompress.training.callbacks import ModelQualityCallback
 
 TOKENS = 256
 

@@ -10,28 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecompress import load_compact
-from aecompress.baselines import (
-    COMPRESSORS,
-    _ranks,
-    compress,
-    factor_bytes,
-    index_dtype,
-    options,
-    pack_bits,
-    position_costs,
-    unpack_bits,
-)
-from aecompress.budget import budget_bytes
-from aecompress.calibration import GroupStats, collect
-from aecompress.errors import AECompressError
-from aecompress.export import export
-from aecompress.factorize import Factorization
-from aecompress.groups import Member, WeightGroup, extract_rows, select_groups
-from aecompress.rowquant import BITS
-from aecompress.stored import decode
+from aecompress.core.bits import pack_bits, unpack_bits
+from aecompress.core.budget import budget_bytes
+from aecompress.core.codes import BITS
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import Member, WeightGroup, extract_rows
+from aecompress.core.selection import select_groups
+from aecompress.data.calibration import collect
+from aecompress.formats.export import export
+from aecompress.methods import compress, compressors, decode, options
+from aecompress.methods.base import GroupStats
+from aecompress.methods.factorize import Factorization
+from aecompress.methods.factors import _ranks, factor_bytes
+from aecompress.methods.prune import index_dtype, position_costs
 from tests.conftest import TINY, build_tiny
 
-METHODS = list(COMPRESSORS)
+METHODS = compressors()
 MODULES = {"bert": ["key", "intermediate", "word_embeddings"], "gpt2": ["key", "mlp_fc"], "llama": ["k_proj", "down_proj"]}
 AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
 FEASIBLE = re.compile(r"feasible ratios are 1 < ratio <= ([\d.]+)")

@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
+from aecompress.benchmark.results import COLUMNS
 from aecompress.cli import main
-from aecompress.results import COLUMNS
 
 
 def run(tiny_lm, out, ratios=("2", "4"), methods=None):
@@ -54,7 +54,7 @@ def test_resume_skips_finished_rows_after_a_kill(tiny_lm, tmp_path, monkeypatch)
     text = (tmp_path / "results.csv").read_text().splitlines()
     (tmp_path / "results.csv").write_text("\n".join(text[:-1]) + "\n" + text[-1][:10])
     calls = []
-    import aecompress.benchmark as bench
+    import aecompress.benchmark.run as bench
 
     real = bench.Benchmark.evaluate
     monkeypatch.setattr(bench.Benchmark, "evaluate", lambda self: calls.append(1) or real(self))
@@ -66,13 +66,14 @@ def test_resume_skips_finished_rows_after_a_kill(tiny_lm, tmp_path, monkeypatch)
 
 def test_unknown_method_lists_valid_ones(tiny_lm, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        run(tiny_lm, tmp_path, methods='[{"method": "tucker"}]')
+        run(tiny_lm, tmp_path, methods='[{"method": "nonesuch"}]')
     assert exc.value.code != 0
-    assert "unknown method 'tucker'; valid:" in capsys.readouterr().err
+    assert "unknown compression method 'nonesuch'; valid:" in capsys.readouterr().err
 
 
 def test_table_reads_one_group_at_a_time_and_marks_the_best():
-    from aecompress.results import Row, markdown
+    from aecompress.benchmark.report import markdown
+    from aecompress.benchmark.results import Row
 
     def row(group, method, ratio, value):
         return Row("m", group, method, ratio, ratio, 1, 4, "t", "perplexity", value, 0.0)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from aecompress.autoencoder import GroupAutoencoder, solve_spec
-from aecompress.budget import budget_bytes, budget_numbers, stored_bytes, stored_numbers
-from aecompress.errors import AECompressError
+from aecompress.core.budget import budget_bytes, budget_numbers, stored_bytes, stored_numbers
+from aecompress.core.errors import AECompressError
+from aecompress.methods.autoencoder_nets import GroupAutoencoder, solve_spec
 
 OPTIONS = dict(encoder="mlp", decoder="mlp", encoder_widths=(8.0, 4.0), decoder_widths=(2.0, 4.0),
                latent_width=1.0, out_activation="tanh", enforce_norm=True)
@@ -33,7 +33,7 @@ def test_solution_is_the_largest_that_fits():
     spec = solve_spec("g", rows, width, budget, ratio, **OPTIONS)
     bigger = solve_spec("g", rows, width, 10**9, ratio, **OPTIONS)
     assert spec.latent < bigger.latent
-    from aecompress.autoencoder import spec_for_scale
+    from aecompress.methods.autoencoder_nets import spec_for_scale
 
     assert spec_for_scale(spec.latent + 1, width, **OPTIONS).stored_bytes(rows) > budget
 
@@ -88,9 +88,10 @@ def test_int8_latents_are_counted_at_one_byte_plus_a_scale_per_row(dtype, enforc
 
 
 def test_int8_latents_decode_to_what_training_saw():
-    from aecompress.groups import WeightGroup
-    from aecompress.rowquant import fake_quant, stored_values
-    from aecompress.stored import StoredForm, decode
+    from aecompress.core.codes import fake_quant, stored_values
+    from aecompress.core.groups import WeightGroup
+    from aecompress.core.stored import StoredForm
+    from aecompress.methods import decode
 
     rows, width = 64, 32
     options = {**OPTIONS, "encoder": "free", "decoder": "linear", "out_activation": "none", "enforce_norm": False}

@@ -7,10 +7,10 @@ import torch
 import transformers
 from torch import nn
 
-from aecompress import calibration
-from aecompress.calibration import collect
-from aecompress.errors import AECompressError
-from aecompress.groups import select_groups
+from aecompress.core.errors import AECompressError
+from aecompress.core.selection import select_groups
+from aecompress.data import calibration, statistics
+from aecompress.data.calibration import collect
 from tests.conftest import TINY, build_tiny, tiny_config
 
 
@@ -96,8 +96,8 @@ def test_cache_round_trip_and_corruption_rebuild(tmp_path, monkeypatch):
         raise AssertionError("recomputed although cached")
 
     with monkeypatch.context() as patch:
-        patch.setattr(calibration, "_covariances", fail)
-        patch.setattr(calibration, "_fisher", fail)
+        patch.setattr(statistics, "covariances", fail)
+        patch.setattr(statistics, "fisher", fail)
         again = collect(model, groups, ids, cache_key="tiny-llama")
     for g in groups:
         assert all(torch.equal(a, b) for a, b in zip(first[g.name].covariances, again[g.name].covariances))

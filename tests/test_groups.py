@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from aecompress.errors import AECompressError
-from aecompress.groups import assign_rows, extract_rows, select_groups
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import assign_rows, extract_rows
+from aecompress.core.selection import select_groups
 from tests.conftest import TINY, build_tiny
 
 CASES = [

@@ -12,14 +12,15 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-import aecompress.lazy as lazy
+import aecompress.formats.lazy as lazy
 from aecompress.cli import main
-from aecompress.data import WeightRowsDataModule
-from aecompress.errors import AECompressError
-from aecompress.export import export_decoded
-from aecompress.groups import extract_rows, select_groups
-from aecompress.module import CompressorModule
-from aecompress.streaming import export_streaming, write_safetensors
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import extract_rows
+from aecompress.core.selection import select_groups
+from aecompress.formats.decoded import export_decoded
+from aecompress.formats.streaming import export_streaming, write_safetensors
+from aecompress.training.datamodule import WeightRowsDataModule
+from aecompress.training.module import CompressorModule
 from tests.conftest import build_tiny, write_config
 
 SHARD = "20KB"  # the tiny Llama (about 100 KB) in 7 shards

@@ -6,14 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from aecompress.data import WeightRowsDataModule
-from aecompress.errors import AECompressError
-from aecompress.factorize import Factorization, rank_factors, whitening
-from aecompress.lowbit import balance, layout_error
-from aecompress.metrics import whitened_loss
-from aecompress.module import CompressorModule
-from aecompress.rowquant import BITS, dequantize_rows, quantize_rows
-from aecompress.stored import decode
+from aecompress.core.codes import BITS, dequantize_rows, quantize_rows
+from aecompress.core.errors import AECompressError
+from aecompress.methods import decode
+from aecompress.methods.factorize import Factorization, rank_factors, whitening
+from aecompress.methods.lowbit import balance, layout_error
+from aecompress.training.datamodule import WeightRowsDataModule
+from aecompress.training.losses import whitened_loss
+from aecompress.training.module import CompressorModule
 
 FREE = dict(encoder="free", decoder="linear", out_activation="none", enforce_norm=False)
 
@@ -29,6 +29,14 @@ def random_covariances(dm, seed=0):
         x = torch.randn(len(g.members), 4 * g.width, g.width, generator=gen) * torch.linspace(0.1, 3, g.width)
         covs[g.name] = x.transpose(1, 2) @ x
     return covs
+
+
+def inject(dm, covariances=None, windows=None):
+    """Calibration covariances and windows for a data module without calibration text."""
+    if covariances is not None:
+        dm.calibration_covariances = lambda: covariances
+    if windows is not None:
+        dm.calibration_windows = lambda: windows
 
 
 def trainer(steps):
@@ -50,25 +58,25 @@ def test_svd_init_decodes_exactly_to_truncated_svd(tiny_dirs, decoder):
 
 def test_whitened_init_decodes_exactly_to_whitened_svd(tiny_dirs):
     dm = datamodule(tiny_dirs)
-    dm.covariances = random_covariances(dm)
-    dm._windows = torch.zeros(4, 64, dtype=torch.long)  # only its token count is read
+    covariances = random_covariances(dm)
+    inject(dm, covariances, torch.zeros(4, 64, dtype=torch.long))  # only the windows' token count is read
     module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened", **FREE)
     trainer(0).fit(module, dm)  # setup() initializes from the factorization; no step is taken
     (g,) = dm.groups
-    chol = whitening(dm.covariances[g.name].mean(0), module.damp, 256, g.name)[0]
+    chol = whitening(covariances[g.name].mean(0), module.damp, 256, g.name)[0]
     a, b = rank_factors(dm.rows[g.name], module.specs[g.name].latent, chol)
     torch.testing.assert_close(decode(module.stored_forms(dm.rows)[g.name]), a @ b, rtol=1e-4, atol=1e-5)
 
 
 def test_training_never_starts_worse_than_the_factorization(tiny_dirs):
     dm = datamodule(tiny_dirs, batch_size=0)
-    dm.covariances = random_covariances(dm)
-    dm._windows = torch.zeros(4, 64, dtype=torch.long)
+    covariances = random_covariances(dm)
+    inject(dm, covariances, torch.zeros(4, 64, dtype=torch.long))
     module = CompressorModule(groups=dm.group_specs, init="whitened_svd", loss="whitened",
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-4), **FREE)
     (g,) = dm.groups
     rows, members = dm.rows[g.name], dm.members[g.name]
-    factors = torch.stack([whitening(c, module.damp, 256, g.name)[0] for c in dm.covariances[g.name]]).float()
+    factors = torch.stack([whitening(c, module.damp, 256, g.name)[0] for c in covariances[g.name]]).float()
     trainer(0).fit(module, dm)
     start = whitened_loss(decode(module.stored_forms(dm.rows)[g.name]), rows, members, factors)
     trainer(20).fit(module, dm)
@@ -79,7 +87,7 @@ def test_training_never_starts_worse_than_the_factorization(tiny_dirs):
 
 def test_output_objective_trains_latents_and_decoder_through_the_frozen_model(tiny_dirs):
     dm = datamodule(tiny_dirs, modules=("k_proj", "up_proj"), train_on="calibration")
-    dm._windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    inject(dm, windows=torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0)))
     module = CompressorModule(groups=dm.group_specs, init="svd", loss="output",
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
     before = {k: v.clone() for k, v in dm.hf_model.state_dict().items()}
@@ -93,7 +101,7 @@ def test_output_objective_trains_latents_and_decoder_through_the_frozen_model(ti
 
 
 def test_factorization_init_needs_free_linear_recipe(tiny_dirs):
-    from aecompress.errors import AECompressError
+    from aecompress.core.errors import AECompressError
 
     dm = datamodule(tiny_dirs)
     with pytest.raises(AECompressError, match="needs encoder: free"):
@@ -102,7 +110,7 @@ def test_factorization_init_needs_free_linear_recipe(tiny_dirs):
 
 def test_output_objective_on_an_encoder_matches_hidden_states(tiny_dirs):
     dm = datamodule(tiny_dirs, family="bert", modules=("key",), train_on="calibration")
-    dm._windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    inject(dm, windows=torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)))
     module = CompressorModule(groups=dm.group_specs, init="svd", loss="output",
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-3), **FREE)
     trainer(2).fit(module, dm)

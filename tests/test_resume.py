@@ -86,9 +86,9 @@ def test_resume_with_another_config_is_refused(killed, capsys):
 
 @pytest.mark.parametrize("latent_storage,refused", [("dtype", False), ("int8", True)])
 def test_a_checkpoint_from_before_a_spec_field_existed_is_read_with_its_default(tiny_dirs, latent_storage, refused):
-    from aecompress.checkpoints import differences, normalized
-    from aecompress.data import WeightRowsDataModule
-    from aecompress.module import CompressorModule
+    from aecompress.training.checkpoints import differences, normalized
+    from aecompress.training.datamodule import WeightRowsDataModule
+    from aecompress.training.module import CompressorModule
 
     dm = WeightRowsDataModule(model=str(tiny_dirs["llama"]), modules=["k_proj"], ratio=2.0)
     module = CompressorModule(groups=dm.group_specs, encoder="free", decoder="linear", out_activation="none",

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from aecompress.errors import AECompressError
-from aecompress.rowquant import (
+from aecompress.core.codes import (
     BITS,
     code_bytes,
     dequantize_rows,
@@ -16,6 +15,7 @@ from aecompress.rowquant import (
     stored_values,
     unpack_codes,
 )
+from aecompress.core.errors import AECompressError
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from aecompress import runtime
-from aecompress.baselines import compress
-from aecompress.calibration import collect
+from aecompress import load_compact, methods
 from aecompress.cli import main
-from aecompress.compact import load_compact
-from aecompress.errors import AECompressError
-from aecompress.export import export
-from aecompress.groups import extract_rows, select_groups
-from aecompress.runtime import AERows, CompressedEmbedding, CompressedLinear, FactorRows
-from aecompress.runtime_bench import resident_bytes
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import extract_rows
+from aecompress.core.selection import select_groups
+from aecompress.data.calibration import collect
+from aecompress.formats.export import export
+from aecompress.methods import compress
+from aecompress.methods.autoencoder import AERows
+from aecompress.methods.factors import FactorRows
+from aecompress.runtime.bench import resident_bytes
+from aecompress.runtime.load import load_runtime
+from aecompress.runtime.modules import CompressedEmbedding, CompressedLinear
 from tests.conftest import TINY, build_tiny
 from tests.test_cli import fit_and_export
 
@@ -214,7 +218,7 @@ def test_cache_is_off_by_default_and_follows_changes(ae_exports):
 
 def test_method_without_runtime_form_names_the_group(tmp_path, monkeypatch):
     directory = _baseline_export(tmp_path, "llama", "svd")
-    monkeypatch.delitem(runtime.RUNTIME, "svd")
+    monkeypatch.setitem(methods.METHODS, "svd", dataclasses.replace(methods.METHODS["svd"], runtime=None))
     with pytest.raises(AECompressError, match=r"group 'embed_tokens' uses method 'svd', which has no per-layer"):
         load_compact(directory, materialize=False)
     load_compact(directory)  # the decoded form still loads
@@ -225,7 +229,7 @@ def test_decoded_directory_says_what_to_do(tmp_path, tiny_dirs):
     with pytest.raises(AECompressError, match=r"is a decoded export.*--format compact"):
         load_compact(tmp_path / "decoded", materialize=False)
     with pytest.raises(AECompressError, match=r"plain transformers checkpoint.*--format compact"):
-        runtime.load_runtime(tiny_dirs["bert"])
+        load_runtime(tiny_dirs["bert"])
     with pytest.raises(AECompressError, match=r"cache=True applies only to the run-time form"):
         load_compact(tmp_path / "compact", cache=True)
 
@@ -240,11 +244,12 @@ def test_runtime_bench_command(ae_exports, capsys):
 
 def test_evaluate_runs_the_runtime_form(tiny_lm, tmp_path, capsys):
     """``aecompress evaluate --runtime`` measures the run-time form, and equals the decoded form."""
-    from aecompress.baselines import compress
     from aecompress.cli import main
-    from aecompress.export import export
-    from aecompress.groups import extract_rows, select_groups
-    from aecompress.loading import load_model
+    from aecompress.core.groups import extract_rows
+    from aecompress.core.selection import select_groups
+    from aecompress.formats.export import export
+    from aecompress.formats.sources import load_model
+    from aecompress.methods import compress
 
     model, source, auto_class = load_model(str(tiny_lm["model"]))
     forms = {g.name: compress("svd", g, extract_rows(model, g), 2.0) for g in select_groups(model, ["k_proj"])}

@@ -1,12 +1,12 @@
-"""The paired significance test that guards the start (aecompress.significance)."""
+"""The paired significance test that guards the start (aecompress.evaluation.paired)."""
 
 import math
 
 import pytest
 import torch
 
-from aecompress.errors import AECompressError
-from aecompress.significance import gain_z
+from aecompress.core.errors import AECompressError
+from aecompress.evaluation.paired import gain_z
 
 
 def test_a_consistent_gain_is_many_standard_errors_and_its_sign_follows_the_direction():
@@ -49,7 +49,7 @@ def test_mismatched_items_are_refused():
 
 
 def test_the_guarded_start_survives_a_checkpoint_read_safely(tmp_path):
-    from aecompress.callbacks import ModelQualityCallback
+    from aecompress.training.callbacks import ModelQualityCallback
 
     saved = ModelQualityCallback(significance=2.0)
     saved._start, saved._start_items = {"perplexity": 22.7}, {"perplexity": torch.rand(100, dtype=torch.float64)}
@@ -62,7 +62,7 @@ def test_the_guarded_start_survives_a_checkpoint_read_safely(tmp_path):
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])
 def test_a_guard_of_no_standard_errors_is_refused(bad):
-    from aecompress.callbacks import ModelQualityCallback
+    from aecompress.training.callbacks import ModelQualityCallback
 
     with pytest.raises(AECompressError, match="positive number of standard errors"):
         ModelQualityCallback(significance=bad)

@@ -2,7 +2,7 @@
 
 import time
 
-from aecompress.timing import FitTimer
+from aecompress.training.timing import FitTimer
 
 
 def test_phases_add_up_and_validation_is_counted_apart():

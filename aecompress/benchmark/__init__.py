@@ -1,0 +1,1 @@
+"""``aecompress benchmark``: every method at the same stored bytes, measured by one evaluator."""

@@ -1,0 +1,108 @@
+"""The benchmark's results for people: one Markdown table per metric, and a plot of quality against size."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from aecompress.benchmark.results import Row, by_group, value
+from aecompress.evaluation.catalog import lower_is_better
+
+
+def markdown(rows: list[Row], split: str) -> str:
+    """One table per metric: the original first, then group x method against target ratio."""
+    ratios = sorted({value(r.target_ratio) for r in rows if r.method != "original"} - {math.nan})
+    metrics = sorted({r.metric for r in rows if r.split == split and r.metric != "failed"})
+    lines = [f"# Results on `{split}`", ""]
+    for metric in metrics:
+        arrow = "lower is better" if lower_is_better(metric) else "higher is better"
+        lines += [f"## {metric} ({arrow})", ""]
+        lines.append("| group | method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |")
+        lines.append("|---|---|" + "---|" * len(ratios))
+        original = [r for r in rows if r.method == "original" and r.metric == metric and r.split == split]
+        if original:
+            lines.append(f"| (all) | original | {value(original[-1].value):.4g} |" + " |" * (len(ratios) - 1))
+        cells: dict[tuple[str, str], dict[float, str]] = {}
+        best: dict[tuple[str, float], float] = {}
+        pick = min if lower_is_better(metric) else max
+        for r in rows:
+            if r.method == "original" or r.split != split or r.metric not in (metric, "failed"):
+                continue
+            cell = "failed" if r.metric == "failed" else f"{value(r.value):.4g}"
+            slot = cells.setdefault((r.group, r.method), {})
+            if r.metric == metric or value(r.target_ratio) not in slot:
+                slot[value(r.target_ratio)] = cell
+            if r.metric == metric and not math.isnan(value(r.value)):
+                key = (r.group, value(r.target_ratio))
+                best[key] = pick(best.get(key, value(r.value)), value(r.value))
+        for (group, method), by_ratio in by_group(cells):
+            shown = [f"**{c}**" if c == f"{best.get((group, x), math.nan):.4g}" else c
+                     for x, c in ((x, by_ratio.get(x, "")) for x in ratios)]
+            lines.append(f"| {group} | {method} | " + " | ".join(shown) + " |")
+        lines.append("")
+    if len(metrics):
+        lines += ["The best value of each group at each ratio is in bold.", ""]
+    failures = [r for r in rows if r.metric == "failed"]
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r.group} / {r.method} / ratio {value(r.target_ratio):g}: {r.note}" for r in failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], split: str, path: Path) -> Path | None:
+    """Quality against target ratio, one panel per group and metric, one line per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    measured = [r for r in rows if r.split == split and r.metric != "failed"]
+    groups = list(dict.fromkeys(r.group for r in measured if r.method != "original"))
+    metrics = sorted({r.metric for r in measured if r.method != "original"})
+    if not groups:
+        return None
+    # One row per group, one column per metric, so the figure stays readable as both grow.
+    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(4.8 * len(metrics), 3.6 * len(groups)), squeeze=False)
+    panels = [(g, m) for g in groups for m in metrics]
+    # One style per method in every panel; past ten methods the default colour cycle repeats.
+    names = list(dict.fromkeys(r.method for r in measured if r.method != "original"))
+    palette = plt.get_cmap("tab20")
+    styles = {name: _style(name, palette(i % 20)) for i, name in enumerate(names)}
+    for ax, (group, metric) in zip(axes.flatten(), panels):
+        for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
+            points = sorted(
+                (value(r.target_ratio), value(r.value))
+                for r in measured
+                if r.group == group and r.method == method and r.metric == metric
+            )
+            if points:
+                ax.plot(*zip(*points), label=method, **styles[method])
+        for r in measured:
+            if r.method == "original" and r.metric == metric:
+                ax.axhline(value(r.value), color="black", linestyle="--", linewidth=1, label="original")
+                break
+        if lower_is_better(metric):
+            ax.set_yscale("log")
+        ax.set_xscale("log")
+        ratios = sorted({value(r.target_ratio) for r in measured if r.group == group and r.method != "original"})
+        ax.set_xticks(ratios, [f"{x:g}" for x in ratios])  # the measured ratios, not powers of ten
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("compression ratio (float32 bytes / stored bytes)")
+        ax.set_ylabel(metric)
+        ax.set_title(group)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _style(method: str, color) -> dict:
+    """Autoencoder rows (``ae...``) stand out: thicker lines and star markers."""
+    if method.startswith("ae"):
+        return {"color": color, "marker": "*", "markersize": 9, "linewidth": 2.2}
+    return {"color": color, "marker": "o", "markersize": 4, "linewidth": 1.2}

@@ -1,0 +1,1 @@
+"""Text and calibration data: data specs, corpora, the token cache and calibration statistics."""

@@ -1,0 +1,188 @@
+"""The decoded export, written shard by shard without ever holding the model.
+
+:func:`export_streaming` walks the source checkpoint's safetensors files in
+index order. For each shard it writes a file of the same name in which every
+tensor is read, cast to float32 (as :func:`aecompress.formats.sources.load_model`
+loads it), has its compressed rows replaced by decoded ones, and is written
+out before the next one is read (:func:`write_safetensors`). Memory stays at
+one tensor plus the decoded groups, whatever the model's size.
+
+The output is byte for byte what :func:`aecompress.formats.decoded.export_decoded`
+writes when the source was itself saved by ``save_pretrained`` from the same
+architecture with the same ``max_shard_size``: same files, same tensor order,
+same safetensors header, same index and ``config.json``. (``save_pretrained``
+of a loaded model reshards with its own ``max_shard_size``; the streaming
+export keeps the source's shards, and tensors the architecture does not
+declare but the source holds are copied rather than dropped.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from aecompress.core.errors import AECompressError
+from aecompress.core.files import atomic_directory, check_target
+from aecompress.core.groups import Member
+from aecompress.core.stored import StoredForm
+from aecompress.formats import sidecar
+from aecompress.formats.extras import copy_aux_files
+from aecompress.formats.lazy import INDEX, TensorFiles, checkpoint_keys
+from aecompress.methods.substitute import decode_all
+
+log = logging.getLogger(__name__)
+
+Spec = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def write_safetensors(path: Path, specs: list[Spec], metadata: dict[str, str], tensor: Callable[[str], torch.Tensor]) -> int:
+    """Write a safetensors file one tensor at a time, byte-identical to ``safetensors.torch.save_file``.
+
+    The header comes first, so it is built from names, dtypes and shapes alone.
+    The tensor order and header layout are taken from safetensors itself (it is
+    asked to serialize empty stand-ins of the same names and dtypes), so they
+    follow whatever rule the installed version uses.
+
+    Args:
+        path: the file to write.
+        specs: ``(name, dtype, shape)`` of every tensor.
+        metadata: the header's ``__metadata__``.
+        tensor: returns a tensor by name, when it is its turn to be written.
+
+    Returns:
+        The bytes of tensor data written.
+    """
+    shapes = {name: (dtype, tuple(shape)) for name, dtype, shape in specs}
+    raw = safetensors_bytes({name: torch.empty(0, dtype=dtype) for name, dtype, _ in specs}, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    stand_in = json.loads(raw[8 : 8 + size].decode("utf-8"))
+    order = [name for name in stand_in if name != "__metadata__"]
+    header, offset = {}, 0
+    if "__metadata__" in stand_in:
+        header["__metadata__"] = stand_in["__metadata__"]
+    for name in order:
+        dtype, shape = shapes[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": stand_in[name]["dtype"], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for name in order:
+            dtype, shape = shapes[name]
+            value = tensor(name)
+            if value.dtype != dtype or tuple(value.shape) != shape:
+                raise AECompressError(f"tensor {name!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {shape}")
+            if value.numel():
+                fh.write(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype.is_floating_point else dtype
+
+
+def _edits(
+    model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm]
+) -> dict[str, list[tuple[Member, torch.Tensor]]]:
+    """Checkpoint key -> the (member, decoded rows) pairs to write into that tensor."""
+    params = dict(model.named_parameters())
+    names = [m.param for f in forms.values() for m in f.group.members]
+    keys = checkpoint_keys(model, files, names)
+    if keys is None:
+        missing = next(n for n in names if checkpoint_keys(model, files, [n]) is None)
+        raise AECompressError(f"{str(files.directory)!r} does not hold {missing!r}; export with --stream false")
+    edits: dict[str, list[tuple[Member, torch.Tensor]]] = defaultdict(list)
+    for group, rows in decode_all(forms.values()).items():
+        start = 0
+        for member in group.members:
+            count = member.view(params[member.param]).shape[0]
+            edits[keys[member.param]].append((member, rows[start : start + count]))
+            start += count
+    return edits
+
+
+def _write_configs(model: nn.Module, source: str, target: Path) -> None:
+    """``config.json`` and ``generation_config.json`` as ``save_pretrained`` of the loaded model writes them."""
+    import transformers
+
+    config = model.config
+    config.dtype = "float32"
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(target)
+    if model.can_generate():
+        try:
+            generation = transformers.GenerationConfig.from_pretrained(source)
+        except OSError:
+            generation = model.generation_config
+        generation.save_pretrained(target)
+
+
+def export_streaming(
+    model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm], source: str, auto_class: str,
+    model_name: str, out_dir: str, overwrite: bool = False,
+) -> Path:
+    """Write the decoded export shard by shard from the source's safetensors files.
+
+    Args:
+        model: the model's skeleton (meta device is fine): names, shapes, config.
+        files: the source checkpoint's tensor files.
+        forms: the stored form of every compressed group.
+        source: the resolved source directory (tokenizer and other files are copied).
+        auto_class: the Auto class name, for the sidecar.
+        model_name: the name the user gave, for the sidecar.
+        out_dir: the directory to create (atomically).
+        overwrite: replace ``out_dir`` if it exists.
+    """
+    check_target(Path(out_dir), overwrite)
+    edits = _edits(model, files, forms)
+    total = 0
+    with atomic_directory(out_dir, overwrite) as tmp:
+        copy_aux_files(source, tmp)
+        _write_configs(model, source, tmp)
+        for shard in files.shards():
+            with safe_open(str(files.directory / shard), framework="pt") as fh:
+                specs = []
+                for key in fh.keys():
+                    piece = fh.get_slice(key)
+                    dtype = getattr(torch, _TORCH_NAMES[piece.get_dtype()])
+                    specs.append((key, _out_dtype(dtype), tuple(piece.get_shape())))
+
+                def tensor(key: str, fh=fh) -> torch.Tensor:
+                    value = fh.get_tensor(key)
+                    if not value.dtype.is_floating_point:
+                        return value
+                    value = value.to(torch.float32, copy=key in edits)
+                    for member, rows in edits.get(key, []):
+                        member.view(value).copy_(rows)
+                    return value
+
+                total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
+        if files.sharded:
+            index = {
+                "metadata": {"total_parameters": model.num_parameters(), "total_size": total},
+                "weight_map": files.weight_map,
+            }
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        sidecar.write(tmp, sidecar.build(forms, source, auto_class, "decoded", model_name))
+    log.info("streamed decoded model to %s", out_dir)
+    return Path(out_dir)
+
+
+# safetensors dtype names -> torch attribute names
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}

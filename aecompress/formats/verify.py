@@ -1,0 +1,108 @@
+"""``aecompress verify``: is a compact export whole, and what ratio does it reach?
+
+Everything :func:`aecompress.formats.compact.load_compact` relies on is checked, without
+building the full-size model: the sidecar's format, both SHA-256 checksums,
+every stored tensor's name, shape and dtype against the sidecar, the
+remaining weights and each group's matrices against the architecture (built
+on the meta device, from transformers, never from the artifact), and every
+group decodes to finite rows of its shape. The achieved ratio is counted
+again by the one accountant and must match what the sidecar claims.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import transformers
+
+from aecompress.core.budget import budget_bytes, original_bytes
+from aecompress.core.errors import AECompressError
+from aecompress.formats.compact import check_members, check_remaining, stored_forms, verified_tensors
+from aecompress.formats.sidecar import COMPRESSED, REMAINING, read_compact
+from aecompress.formats.sources import auto_class
+from aecompress.methods import decode
+
+
+def check_compact(directory: str | Path) -> dict:
+    """Check a compact export thoroughly; return what was found.
+
+    Returns:
+        ``directory``, ``groups`` (name, method, stored bytes, ratio per group),
+        ``achieved_ratio``, ``target_ratio``, ``stored_bytes`` and ``original_bytes``.
+
+    Raises:
+        AECompressError: naming the first problem found.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AECompressError(f"{str(directory)!r} is not a directory")
+    meta = read_compact(directory)
+    compressed = verified_tensors(directory, COMPRESSED, meta["checksums"].get(COMPRESSED))
+    remaining = verified_tensors(directory, REMAINING, meta["checksums"].get(REMAINING))
+    forms = stored_forms(meta, compressed)
+    claimed = {f"{f.group.name}/{k}" for f in forms for k in f.tensors}
+    extra = sorted(set(compressed) - claimed)
+    if extra:
+        raise AECompressError(f"{COMPRESSED} holds {extra[0]!r}, which no group in the sidecar accounts for")
+    _check_architecture(directory, meta, remaining, forms)
+    groups = []
+    for form in forms:
+        rows = decode(form)
+        if not torch.isfinite(rows).all():
+            raise AECompressError(f"group {form.group.name!r} decodes to NaN or inf")
+        target = form.meta.get("target_ratio")
+        if target and form.bytes > budget_bytes(form.group.rows, form.group.width, float(target)):
+            raise AECompressError(
+                f"group {form.group.name!r} stores {form.bytes} bytes, over its budget at target ratio {target}"
+            )
+        groups.append({"group": form.group.name, "method": form.method, "bytes": form.bytes, "ratio": form.ratio})
+    original = original_bytes(sum(f.group.rows * f.group.width for f in forms), 1)
+    stored = sum(f.bytes for f in forms)
+    achieved = original / stored if stored else None
+    said = meta.get("achieved_ratio")
+    if (achieved is None) != (said is None) or (achieved is not None and not math.isclose(achieved, said, rel_tol=1e-9)):
+        raise AECompressError(f"the sidecar claims ratio {said}, but the stored tensors give {achieved}")
+    return {
+        "directory": str(directory),
+        "groups": groups,
+        "achieved_ratio": achieved,
+        "target_ratio": meta.get("target_ratio"),
+        "stored_bytes": stored,
+        "original_bytes": original,
+    }
+
+
+def _check_architecture(directory: Path, meta: dict, remaining: dict[str, torch.Tensor], forms: list) -> None:
+    """Remaining weights and group members against the architecture, built without storage."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        with torch.device("meta"):
+            model = auto_class(meta["auto_class"]).from_config(config, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        if isinstance(err, AECompressError):
+            raise
+        raise AECompressError(f"cannot build the architecture from {str(directory / 'config.json')!r}: {err}") from err
+    check_remaining(model.state_dict(), remaining, meta.get("dropped", []))
+    check_members(model, forms)
+
+
+def verify(directory: str) -> None:
+    """Check a compact export's checksums and shapes, and report its achieved ratio.
+
+    Exits 0 for a valid artifact; otherwise prints one line naming the problem
+    and exits non-zero.
+
+    Args:
+        directory: a directory written by ``aecompress export --format compact``
+            (may be given positionally: ``aecompress verify DIR``).
+    """
+    report = check_compact(directory)
+    for g in report["groups"]:
+        print(f"  {g['group']}: {g['method']}, {g['bytes']} bytes, ratio {g['ratio']:.3f}")
+    target = report["target_ratio"]
+    print(
+        f"ok: {report['directory']}: checksums and shapes match; achieved ratio {report['achieved_ratio']:.3f}"
+        + (f" (target {target})" if target else "")
+    )

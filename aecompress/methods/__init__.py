@@ -1,0 +1,131 @@
+"""Every compression method, in one fixed table, and the entry points that use it.
+
+A method is one module here exporting ``METHOD`` (see :class:`~aecompress.methods.base.Method`):
+its compressor, decoder, run-time row sources and the statistics it needs. ``METHODS`` is
+filled from below, by importing those modules; nothing in it is looked up by a name read
+from a file or a config, and no layer above names a method. Adding a method is one new
+module and one line in the table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from aecompress.core.budget import budget_bytes
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup
+from aecompress.core.stored import StoredForm
+from aecompress.methods import autoencoder, fwsvd, prune, quantize, svd, whitened_svd
+from aecompress.methods.base import Built, GroupStats, Method
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        svd.METHOD,
+        fwsvd.METHOD,
+        whitened_svd.METHOD,
+        prune.METHOD,
+        quantize.METHOD,
+        autoencoder.METHOD,
+    )
+}
+"""Method name -> method: the only place the package lists its methods."""
+
+
+def get(name: str) -> Method:
+    """The method of this name, or one line listing the valid ones."""
+    if name not in METHODS:
+        raise AECompressError(f"unknown compression method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def compressors() -> list[str]:
+    """Names of the methods with a closed-form compressor (all but the trained ones)."""
+    return [name for name, m in METHODS.items() if not m.trained]
+
+
+def options(name: str) -> dict[str, object]:
+    """A method's options and their defaults."""
+    return get(name).options()
+
+
+def compress(
+    method: str,
+    group: WeightGroup,
+    rows: torch.Tensor,
+    ratio: float,
+    stats: GroupStats | None = None,
+    **opts,
+) -> StoredForm:
+    """Compress one weight group with a closed-form method at a target ratio.
+
+    Args:
+        method: a name from ``METHODS`` with a compressor (see :func:`compressors`).
+        group: the weight group.
+        rows: ``core.groups.extract_rows(model, group)``: float32, rows x width.
+        ratio: target compression ratio, original float32 bytes over stored bytes.
+        stats: calibration statistics of the group (what the method ``needs``).
+        **opts: the method's options (see :func:`options`).
+
+    Returns:
+        A stored form at or under the byte budget; ``meta`` records what was chosen.
+
+    Raises:
+        AECompressError: for an unknown method or option, or a ratio the method
+            cannot reach (the message gives the feasible range).
+    """
+    chosen = get(method)
+    if chosen.trained:
+        raise AECompressError(
+            f"method {method!r} is trained, not computed: use `aecompress fit` or a benchmark recipe; "
+            f"closed-form methods: {', '.join(compressors())}"
+        )
+    valid = chosen.options()
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; valid: {', '.join(valid) or '(none)'}")
+    if tuple(rows.shape) != (group.rows, group.width):
+        raise AECompressError(f"group {group.name!r} has shape {(group.rows, group.width)}, got rows {tuple(rows.shape)}")
+    if not torch.isfinite(rows).all():
+        raise AECompressError(f"group {group.name!r} holds NaN or inf weights; fix the checkpoint before compressing")
+    budget = budget_bytes(group.rows, group.width, ratio)
+    form = chosen.compress(group, rows.detach().cpu().float(), ratio, stats, **opts)
+    if form.bytes > budget:  # the accountant is the judge; a compressor that overspends is a bug
+        raise RuntimeError(f"{method} stored {form.bytes} bytes for {group.name!r}, over its budget of {budget}")
+    log.info("%s on %s: %d bytes (budget %d), ratio %.3f (target %.3f)",
+             method, group.name, form.bytes, budget, form.ratio, ratio)
+    return form
+
+
+def decode(stored: StoredForm) -> torch.Tensor:
+    """Decode a stored form to its (rows x width) float32 matrix."""
+    method = get(stored.method)
+    # Decode from fresh contiguous copies: CPU matmul kernels can round differently on
+    # memory that is not 64-byte aligned (tensors read from a safetensors file often
+    # are not), and a form must decode to the same bits wherever its tensors live.
+    fresh = {k: t.clone(memory_format=torch.contiguous_format) for k, t in stored.tensors.items()}
+    rows = method.decode(StoredForm(stored.method, stored.group, fresh, stored.meta))
+    expected = (stored.group.rows, stored.group.width)
+    if tuple(rows.shape) != expected:
+        raise AECompressError(f"group {stored.group.name!r} decodes to {tuple(rows.shape)}, expected {expected}")
+    return rows
+
+
+def runtime_parts(stored: StoredForm, member_rows: list[int]) -> Built:
+    """A form's run-time parts: the modules its members share and one row source per member.
+
+    Raises:
+        AECompressError: naming the group, if the method has no per-layer run-time form.
+    """
+    method = get(stored.method)
+    if method.runtime is None:
+        runnable = [name for name, m in METHODS.items() if m.runtime is not None]
+        raise AECompressError(
+            f"group {stored.group.name!r} uses method {stored.method!r}, which has no per-layer run-time form "
+            f"(run-time methods: {', '.join(runnable)}); load it with materialize=True instead"
+        )
+    return method.runtime(stored, member_rows)

@@ -1,0 +1,132 @@
+"""The one interface every compression method implements, and what a method may ask for.
+
+A method is a :class:`Method`: how it compresses a weight group into a
+:class:`~aecompress.core.stored.StoredForm`, how it decodes one, how its form runs per
+layer (row sources, see :mod:`aecompress.core.rowsource`), and which calibration
+statistics it needs. The fixed table in :mod:`aecompress.methods` lists them; export,
+evaluation, the run-time form and the benchmark only ever go through that table.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aecompress.core.dtypes import FLOAT_DTYPES
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup
+from aecompress.core.rowsource import RowSource
+from aecompress.core.stored import StoredForm
+
+Built = tuple[list[nn.Module], list[RowSource]]
+"""A form's run-time parts: modules its members share (a decoder, a basis), and one row source per member."""
+
+
+@dataclass
+class GroupStats:
+    """Calibration statistics of one weight group, aligned with ``group.members``.
+
+    Attributes:
+        tokens: calibration tokens the statistics were computed over.
+        covariances: per member, the (width x width) float64 second moment of
+            its inputs per token, or ``None`` for a member with no linear input
+            (an embedding); ``None`` if covariances were not collected.
+        fisher: per member, the float64 Fisher row weights (one per row);
+            ``None`` if they were not collected.
+        member_rows: rows of each member matrix, in group order.
+    """
+
+    tokens: int
+    covariances: list[torch.Tensor | None] | None = None
+    fisher: list[torch.Tensor] | None = None
+    member_rows: list[int] | None = None
+
+    def mean_covariance(self) -> torch.Tensor | None:
+        """The members' covariances averaged, or None if any member has none."""
+        if not self.covariances or any(c is None for c in self.covariances):
+            return None
+        return torch.stack(self.covariances).mean(dim=0)
+
+    def row_weights(self) -> torch.Tensor | None:
+        """All members' Fisher row weights, stacked in group row order."""
+        return None if self.fisher is None else torch.cat(list(self.fisher))
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compression method.
+
+    Attributes:
+        name: the name stored forms, configs and results use.
+        decode: stored form -> its (rows x width) float32 matrix.
+        runtime: stored form and member row counts -> its run-time parts (see :data:`Built`).
+        compress: ``(group, rows, ratio, stats, **options) -> StoredForm`` at or under the budget;
+            None for a method that is trained (``aecompress fit`` or a benchmark recipe).
+        needs: the calibration statistics ``compress`` reads (``covariance``, ``fisher``).
+    """
+
+    name: str
+    decode: Callable[[StoredForm], torch.Tensor]
+    runtime: Callable[[StoredForm, list[int]], Built] | None = None
+    compress: Callable[..., StoredForm] | None = None
+    needs: tuple[str, ...] = ()
+
+    @property
+    def trained(self) -> bool:
+        """Whether forms of this method come from training rather than a closed-form compressor."""
+        return self.compress is None
+
+    def options(self) -> dict[str, object]:
+        """The compressor's keyword options and their defaults."""
+        if self.compress is None:
+            return {}
+        params = inspect.signature(self.compress).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def choice(value, valid, what: str, group: WeightGroup, method: str):
+    """``value`` if it is one of ``valid``, else one line naming it and the valid choices."""
+    if value not in valid:
+        raise AECompressError(f"unknown {what} {value!r} for method {method!r} on group {group.name!r}; "
+                              f"valid: {', '.join(map(str, valid))}")
+    return value
+
+
+def float_dtype(dtype: str, group: WeightGroup, method: str) -> torch.dtype:
+    """The torch dtype a ``dtype`` option names, checked."""
+    return FLOAT_DTYPES[choice(dtype, tuple(FLOAT_DTYPES), "dtype", group, method)]
+
+
+def meta(ratio: float, budget: int, **extra) -> dict:
+    """A stored form's metadata: the target it was made for, its byte budget, and what was chosen."""
+    return {"target_ratio": ratio, "budget_bytes": budget, **extra}
+
+
+def item_size(dtype: torch.dtype) -> int:
+    """Bytes per element of a dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def needs_stats(stats: GroupStats | None, kind: str, group: WeightGroup, method: str) -> GroupStats:
+    """The statistics a method needs, or one line saying how to collect them."""
+    present = stats is not None and getattr(stats, "covariances" if kind == "covariance" else "fisher") is not None
+    if not present:
+        what = "input covariances" if kind == "covariance" else "Fisher row weights"
+        raise AECompressError(
+            f"method {method!r} needs {what} for group {group.name!r}: "
+            f"collect them with aecompress.data.calibration.collect(..., what=({kind!r},))"
+        )
+    return stats
+
+
+def offsets(sizes: list[int]) -> list[int]:
+    """Where each member's rows start in the stacked group."""
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out

@@ -1,0 +1,107 @@
+"""Round-to-nearest quantization per row: ``W' = zero + scale * code``, codes bit-packed.
+
+Each row gets an asymmetric k-bit grid from its own minimum and maximum; scale and zero
+point are stored per row in ``dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
+from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting, packed_bytes
+from aecompress.core.dtypes import FloatDtype
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup
+from aecompress.core.rowsource import RowSource
+from aecompress.core.stored import StoredForm
+from aecompress.methods.base import Built, GroupStats, Method, float_dtype, item_size, meta, offsets
+
+MAX_BITS = 8
+
+
+def compress(
+    group: WeightGroup,
+    rows: torch.Tensor,
+    ratio: float,
+    stats: GroupStats | None = None,
+    *,
+    bits: int | None = None,
+    dtype: FloatDtype = "float32",
+) -> StoredForm:
+    """Row-wise asymmetric k-bit quantization: ``W' = zero + scale * code``.
+
+    Args:
+        bits: code width in 1..8; ``None`` takes the largest that fits the budget.
+        dtype: the stored dtype of each row's scale and zero point.
+    """
+    store = float_dtype(dtype, group, "quantize")
+    m, n = group.rows, group.width
+    budget = budget_bytes(m, n, ratio)
+
+    def cost(k: int) -> int:
+        return packed_bytes(m * n, k) + 2 * m * item_size(store)
+
+    if bits is None:
+        bits = largest_fitting(cost, budget, MAX_BITS)
+        if bits is None:
+            raise infeasible_bytes(group.name, m, n, ratio, cost(1), f"quantize (1 bit, {dtype} scales)")
+    elif not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise AECompressError(f"bits must be an integer in 1..{MAX_BITS} for group {group.name!r}, got {bits!r}")
+    elif cost(bits) > budget:
+        raise infeasible_bytes(group.name, m, n, ratio, cost(bits), f"quantize ({bits} bits, {dtype} scales)")
+    levels = 2**bits - 1
+    w = rows.float()
+    low, high = w.min(dim=1).values, w.max(dim=1).values
+    zero = low.to(store)
+    scale = ((high - low) / levels).to(store)
+    # Codes are chosen against the stored (rounded) scale and zero, so decode is their best fit.
+    z, s = zero.float().unsqueeze(1), scale.float().unsqueeze(1)
+    codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(0, levels).to(torch.int32)
+    stream = (codes.flatten().unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
+    tensors = {"codes": pack_bits(stream.flatten()), "scale": scale.contiguous(), "zero": zero.contiguous()}
+    return StoredForm("quantize", group, tensors, meta(ratio, budget, bits=bits, dtype=dtype))
+
+
+class QuantizedRows(RowSource):
+    """Packed k-bit codes with per-row scale and zero point (both trainable)."""
+
+    def __init__(self, rows: int, width: int, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        super().__init__(rows, width)
+        self.bits = bits
+        self.register_buffer("codes", codes)
+        self.scale = nn.Parameter(scale)
+        self.zero = nn.Parameter(zero)
+
+    def decode(self) -> torch.Tensor:
+        m, n, bits = self.rows_count, self.width, self.bits
+        weights = torch.arange(bits, dtype=torch.int32, device=self.codes.device)
+        stream = unpack_bits(self.codes, m * n * bits).view(m * n, bits).to(torch.int32)
+        codes = (stream << weights).sum(dim=1).view(m, n).float()
+        return self.zero.float().unsqueeze(1) + self.scale.float().unsqueeze(1) * codes
+
+
+def runtime(form: StoredForm, member_rows: list[int]) -> Built:
+    """Each member keeps its rows' packed codes, scales and zero points."""
+    t, n, bits = form.tensors, form.group.width, int(form.meta["bits"])
+    sources = [
+        QuantizedRows(m, n, bits, bit_slice(t["codes"], r0 * n * bits, m * n * bits),
+                      t["scale"][r0 : r0 + m].clone(), t["zero"][r0 : r0 + m].clone())
+        for r0, m in zip(offsets(member_rows), member_rows)
+    ]
+    return [], sources
+
+
+
+@torch.no_grad()
+def decode(stored: StoredForm) -> torch.Tensor:
+    """Unpack the codes and map them through each row's scale and zero point (one source holding every row)."""
+    m, n, bits = stored.group.rows, stored.group.width, int(stored.meta["bits"])
+    if stored.tensors["codes"].numel() != packed_bytes(m * n, bits):
+        raise AECompressError(f"group {stored.group.name!r}: {bits}-bit codes do not match the matrix size")
+    (source,) = runtime(stored, [m])[1]
+    return source.decode()
+
+
+METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress)

@@ -1,0 +1,1 @@
+"""Training autoencoders with Lightning: the module, the data module, callbacks and the CLI that runs them."""
