@@ -17,7 +17,7 @@ from aecompress.core.budget import budget_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods import autoencoder, fwsvd, prune, quantize, svd, whitened_svd
+from aecompress.methods import autoencoder, fwsvd, kronecker, prune, quantize, svd, tucker, whitened_svd
 from aecompress.methods.base import Built, GroupStats, Method
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ METHODS: dict[str, Method] = {
         whitened_svd.METHOD,
         prune.METHOD,
         quantize.METHOD,
+        kronecker.METHOD,
+        tucker.METHOD,
         autoencoder.METHOD,
     )
 }
