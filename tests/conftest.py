@@ -110,3 +110,17 @@ def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     lines = [f"Sentence number {i} says something short, and then it ends." for i in range(400)]
     (root / "text.txt").write_text("\n\n".join(lines))
     return {"model": root / "model", "text": root / "text.txt"}
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """The real entry point in-process: exit code, stdout, stderr."""
+    from aecompress.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -59,7 +59,7 @@ def test_two_process_cpu_ddp_matches_single_process(tmp_path):
     main(["fit", "--config", str(single)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "aecompress", "fit", "--config", str(ddp),
+        [sys.executable, "-m", "aecompress", "fit", "-v", "--config", str(ddp),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
@@ -67,7 +67,7 @@ def test_two_process_cpu_ddp_matches_single_process(tmp_path):
     assert "Starting with 2 processes" in done.stdout + done.stderr
     # rank 0 alone wrote: one log version, one best and one last checkpoint
     assert sorted(p.name for p in (tmp_path / "ddp" / "logs" / "run").iterdir()) == ["version_0"]
-    assert sorted(p.name for p in (tmp_path / "ddp" / "ckpt").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "ckpt").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
     a, b = _last_val(tmp_path / "single"), _last_val(tmp_path / "ddp")
     for key in ("val/rel_fro", "val/cos_dist"):
         assert abs(a[key] - b[key]) <= TOLERANCE * a[key], (key, a[key], b[key])

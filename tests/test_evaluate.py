@@ -191,7 +191,7 @@ def test_evaluate_command_on_original_decoded_and_compact(tmp_path, story, capsy
         results[name] = json.loads(out.read_text())
         assert list(results[name]) == ["perplexity"]
     printed = capsys.readouterr().out
-    assert "perplexity" in printed and f"(original: {source})" in printed
+    assert "perplexity" in printed and f"(original: {source.name})" in printed  # by its name: no local path
     assert results["decoded"] == results["compact"]
     assert results["decoded"] != results["original"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
@@ -241,7 +241,7 @@ def test_evaluate_on_an_encoder_export_reports_fidelity(tmp_path, story):
     fit_and_export(tmp_path, source, ["key"])
     out = tmp_path / "r.json"
     main(["evaluate", "--model", str(tmp_path / "compact"), "--data", f"{story}:validation",
-          "--metrics", "embedding_fidelity", "--json", str(out)])
+          "--metrics", "embedding_fidelity", "--reference", str(source), "--json", str(out)])
     fidelity = json.loads(out.read_text())["embedding_fidelity"]
     assert 0 < fidelity < 1
 

@@ -39,7 +39,7 @@ from aecompress.formats.verify import check_compact
 from aecompress.methods import compress, decode
 from aecompress.training.datamodule import WeightRowsDataModule
 from aecompress.training.module import CompressorModule
-from tests.conftest import build_tiny, write_config
+from tests.conftest import build_tiny, run_cli, write_config
 
 AUTO = {"bert": "AutoModel", "gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM"}
 MODULES = {"bert": ["key", "value"], "gpt2": ["key", "mlp_fc"], "llama": ["k_proj", "up_proj"]}
@@ -48,13 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(capsys, *args: str) -> tuple[int, str]:
     """Run the real entry point in-process; return the exit code and the last line of stderr."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    lines = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(capsys, *args)
+    lines = err.strip().splitlines()
     return code, lines[-1] if lines else ""
 
 

@@ -21,7 +21,8 @@ def test_default_config_one_short_epoch_then_export(tmp_path):
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
     config["trainer"].update(max_epochs=1, limit_train_batches=20, logger=False, enable_progress_bar=False,
                              default_root_dir=str(tmp_path))
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "ckpt")
+    checkpoint = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("ModelCheckpoint"))
+    checkpoint["init_args"]["dirpath"] = str(tmp_path / "ckpt")
     path = tmp_path / "default.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])

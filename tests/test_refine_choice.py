@@ -26,7 +26,7 @@ def _fit(tiny_lm, tmp_path: Path, refine, significance: float | None = 2.0, **sc
             cb["class_path"] = "tests.scripted.ScriptedQuality" if script else cb["class_path"]
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(tmp_path / "config.yaml")])
+    main(["fit", "-v", "--config", str(tmp_path / "config.yaml")])  # -v: the choice is logged at INFO
     return torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True, map_location="cpu")
 
 

@@ -7,6 +7,7 @@ optimizers, schedulers and callbacks work together. Only the model, the text
 the ratio and the output directories are swapped for tiny local ones.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def _local(recipe: dict, model: Path, text: str, workdir: Path) -> dict:
         args = dict(cb.get("init_args", {}))
         if cb["class_path"].endswith("ModelQualityCallback"):
             args.update(data=text, window=32, every_n_epochs=1, max_tokens=256)
+        if cb["class_path"].endswith("FitReport"):
+            args.update(data=text, window=32, max_tokens=256)
         if cb["class_path"].endswith("ModelCheckpoint"):
             args["dirpath"] = str(workdir / "ckpt")
             args.pop("every_n_epochs", None)  # the one trained epoch must be a checkpoint epoch
@@ -56,9 +59,15 @@ def test_shipped_recipe_trains_one_step_and_saves_its_best_checkpoint(name, tiny
     assert checkpoint["global_step"] in ((0, 1) if recipe["model"].get("init", "random") != "random" else (1,))
     metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
     assert "train/loss" in metrics.splitlines()[0]  # the step ran and was logged
-    monitor = recipe["trainer"]["callbacks"][-1]["init_args"]["monitor"]
+    monitor = next(cb["init_args"]["monitor"] for cb in recipe["trainer"]["callbacks"] if "monitor" in cb["init_args"])
     assert any(monitor in str(state) for state in checkpoint["callbacks"].values())
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    if any(cb["class_path"].endswith("FitReport") for cb in recipe["trainer"]["callbacks"]):
+        report = json.loads((tmp_path / "ckpt" / "report.json").read_text())
+        names = [row["name"] for row in report["rows"]]
+        assert names[0] == "original" and {"svd", "whitened_svd"} <= set(names) and "quality on" in printed
+        measured = [row for row in report["rows"] if row["bits_per_weight"] is not None]
+        assert max(r["stored_bytes"] for r in measured[1:]) <= measured[0]["stored_bytes"] * 1.05  # the same size
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,13 @@ needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, re
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    """A directory of 12 .txt documents, 5 paragraphs each, one of them latin-1."""
+    """A directory of 12 .txt documents, 5 paragraphs each, one of them with non-ASCII UTF-8."""
     root = tmp_path / "corpus"
     root.mkdir()
     for d in range(12):
         lines = [f"document {d} paragraph {p} " + "word " * (5 + (d * 7 + p * 3) % 11) for p in range(5)]
         (root / f"doc{d:02d}.txt").write_text("\n\n".join(lines) + "\n")
-    (root / "doc05.txt").write_bytes("caf\xe9 au lait\nna\xefve paragraph two\n".encode("latin-1"))
+    (root / "doc05.txt").write_bytes("caf\xe9 au lait\nna\xefve paragraph two\n".encode())
     return root
 
 
@@ -118,8 +118,11 @@ def test_tiny_text_must_be_used_whole(tmp_path):
     assert corpora.documents(f"{small}:all") == ["one line\nanother line"]
 
 
-def test_latin1_files_are_read(corpus):
+def test_utf8_files_are_read_and_latin1_ones_refused_not_guessed(corpus):
     assert "café au lait\nnaïve paragraph two" in corpora.documents(f"{corpus}:all")
+    (corpus / "doc05.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(AECompressError, match=r"doc05.txt' is not UTF-8 \(byte 3"):
+        corpora.documents(f"{corpus}:all")
 
 
 def test_datasets_directory(tmp_path, corpus):

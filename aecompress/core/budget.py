@@ -90,3 +90,27 @@ def infeasible_bytes(group: str, rows: int, width: int, ratio: float, smallest_b
         f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
         f"the smallest stored form takes {smallest_bytes} bytes; feasible ratios are 1 < ratio <= {max_ratio:.2f}"
     )
+
+
+def bits_per_weight(stored: int, numbers: int) -> float:
+    """Stored bits per original weight: the size in the unit the field compares methods by."""
+    return 8 * stored / numbers if numbers else float("nan")
+
+
+def whole_model(params: Mapping[str, torch.Tensor], covered: Mapping[str, int], stored: int) -> dict[str, float | int]:
+    """The size of a whole checkpoint whose covered weights are stored in ``stored`` bytes.
+
+    Args:
+        params: every parameter of the model by name (tied parameters once).
+        covered: parameter name -> how many of its numbers the compressed groups hold.
+        stored: the compressed groups' stored bytes (counted by :func:`stored_bytes`).
+
+    Returns:
+        ``parameters``, ``stored_bytes`` (compressed groups plus every other weight at its own
+        dtype), ``bits_per_weight`` and ``ratio`` (against the whole model in float32).
+    """
+    total = sum(p.numel() for p in params.values())
+    rest = sum((p.numel() - covered.get(name, 0)) * p.element_size() for name, p in params.items())
+    size = stored + rest
+    return {"parameters": total, "stored_bytes": size, "bits_per_weight": bits_per_weight(size, total),
+            "ratio": original_bytes(total, 1) / size if size else float("nan")}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -22,6 +24,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from aecompress.core.errors import AECompressError
+
+log = logging.getLogger(__name__)
 
 
 def check_target(target: Path, overwrite: bool) -> None:
@@ -37,7 +41,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     """Yield a temporary directory that becomes ``target`` when the block succeeds."""
     target = Path(target)
     check_target(target, overwrite)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clear_leftovers(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -46,6 +51,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     try:
         with _exit_on_sigterm(target):
             yield tmp
+            _readable(tmp)
             _replace(tmp, target, overwrite)
     except (OSError, SafetensorError) as err:  # disk full, quota, permissions: one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,6 +59,48 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clear_leftovers(target: Path) -> list[str]:
+    """Remove what an interrupted write of ``target`` left (its process is gone); name what cannot be told apart.
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    parent = target.parent
+    for path in sorted(parent.glob(f".{target.name}.tmp-*")) + sorted(parent.glob(f".{target.name}.old-*")):
+        found = _LEFTOVER.fullmatch(path.name[len(target.name) + 1 :])
+        pid = int(found["pid"]) if found and found["pid"] else None
+        if pid is not None and not _alive(pid) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+            log.warning("removed %s, left by an interrupted write of %s (process %d is gone)", path, target.name, pid)
+        else:
+            log.warning("%s was left by an earlier write of %s; remove it if no other aecompress is writing there",
+                        path, target.name)
+    return removed
+
+
+_LEFTOVER = re.compile(r"\.(tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _readable(tmp: Path) -> None:
+    """Every file and directory of an export readable as the umask allows (some writers create files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -85,7 +133,7 @@ def _replace(tmp: Path, target: Path, overwrite: bool) -> None:
             raise AECompressError(f"output directory {str(target)!r} appeared while writing: {err}") from err
     if not overwrite:
         raise AECompressError(f"output directory {str(target)!r} appeared while writing; nothing was replaced")
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -144,6 +144,23 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
+def user_text(path: Path) -> str:
+    """A user's text file: UTF-8 only; binary or other encodings are refused, never guessed."""
+    raw = Path(path).read_bytes()
+    if b"\0" in raw:
+        raise AECompressError(f"{str(path)!r} holds NUL bytes: it is binary, not text; give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AECompressError(
+            f"{str(path)!r} is not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r}); convert it to UTF-8"
+        ) from None
+
+
+def _user_lines(path: Path) -> list[str]:
+    return [line.strip() for line in user_text(path).splitlines() if line.strip()]
+
+
 @functools.lru_cache(maxsize=1)
 def news_documents() -> tuple[str, ...]:
     """The 300 Lee background news articles, one per line."""
@@ -182,13 +199,13 @@ def polarity_sentences() -> tuple[list[str], torch.Tensor]:
 def _local_documents(path: Path) -> list[str]:
     """Documents of a local text file, directory of .txt files, or datasets directory."""
     if path.is_file():
-        return ["\n".join(_lines(path))]
+        return ["\n".join(_user_lines(path))]
     if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
         return _datasets_documents(path)
     files = sorted(path.rglob("*.txt"))
     if not files:
         raise AECompressError(f"directory {str(path)!r} holds no .txt files and is not a datasets directory")
-    return ["\n".join(_lines(f)) for f in files]
+    return ["\n".join(_user_lines(f)) for f in files]
 
 
 def _datasets_documents(path: Path) -> list[str]:
@@ -275,4 +292,11 @@ def parsed_documents(parsed: Spec) -> list[str]:
         return list(lee_documents())
     if parsed.source == "polarity":
         return polarity_sentences()[0]
-    return split_documents(_local_documents(Path(parsed.source)), parsed.split)
+    docs = _local_documents(Path(parsed.source))
+    size = sum(len(d.strip()) for d in docs)
+    if size == 0:
+        raise AECompressError(
+            f"data {parsed.base!r} holds no text (0 characters); it needs at least one window of tokens "
+            "(512 for perplexity and calibration by default)"
+        )
+    return split_documents(docs, parsed.split)

@@ -70,6 +70,7 @@ def evaluate_command(
     throughput: bool = False,  # noqa: A002 - the flag users type is --throughput
     runtime: bool = False,
     against: str | None = None,
+    reference: str | None = None,
 ) -> dict[str, float]:
     """Measure a model (original, decoded export or compact export) on text.
 
@@ -95,6 +96,9 @@ def evaluate_command(
             values, and for perplexity and embedding fidelity how many standard errors of the
             paired per-item difference ``--model`` is better by (negative: worse), so a small
             difference between two compressed models can be told from noise.
+        reference: the original model, for embedding fidelity; default: the one the export's
+            aecompress.json names (a packaged name or hub id; an export of a local directory
+            names it by its directory name only, so give the directory here).
     """
     import json as json_lib
 
@@ -105,15 +109,16 @@ def evaluate_command(
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     hf_model, tokenizer, reference_name = load_any(model, runtime)
+    reference_name = reference or reference_name
     hf_model.to(target)
     wanted = metrics if metrics is not None else default_metrics(hf_model, data, reference_name is not None)
     check_metrics(wanted, hf_model, reference_name is not None)
-    reference = None
+    original = None
     if "embedding_fidelity" in wanted:
-        reference = load_model(reference_name)[0].to(target)
+        original = _original(reference_name).to(target)
     start = time.perf_counter()
     items: dict[str, torch.Tensor] = {}
-    results = evaluate_model(hf_model, tokenizer, data, wanted, reference, max_tokens, window, stride, batch_size, seed,
+    results = evaluate_model(hf_model, tokenizer, data, wanted, original, max_tokens, window, stride, batch_size, seed,
                              items=items)
     seconds = time.perf_counter() - start
     header = f"model: {model}" + (f" (original: {reference_name})" if reference_name else "") + f"   data: {data}"
@@ -122,7 +127,7 @@ def evaluate_command(
     print(f"({seconds:.1f} s on {target})")
     out: dict[str, float] = dict(results)
     if against:
-        other = dict(against=against, data=data, wanted=wanted, reference=reference, max_tokens=max_tokens,
+        other = dict(against=against, data=data, wanted=wanted, reference=original, max_tokens=max_tokens,
                      window=window, stride=stride, batch_size=batch_size, seed=seed)
         out.update(_compare(items, runtime, target, tokenizer, **other))
     if throughput:
@@ -140,3 +145,13 @@ def evaluate_command(
         Path(json).parent.mkdir(parents=True, exist_ok=True)
         Path(json).write_text(json_lib.dumps(out, indent=2) + "\n")
     return out
+
+
+def _original(name: str):
+    """The original model named by an export (or ``--reference``), with a line saying what to do if it cannot be found."""
+    try:
+        return load_model(name)[0]
+    except AECompressError as err:
+        raise AECompressError(
+            f"cannot load the original {name!r} for embedding fidelity ({err}); give its directory with --reference"
+        ) from err

@@ -7,6 +7,7 @@ the benchmark all call :func:`evaluate_model`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
@@ -21,6 +22,13 @@ from aecompress.evaluation.causal import checked_token_nll
 from aecompress.evaluation.masked import mlm_perplexity
 from aecompress.evaluation.sentences import fidelity_cosines, fidelity_sentences, lee_correlation, polarity_accuracy
 from aecompress.formats.sources import model_kind
+
+log = logging.getLogger(__name__)
+
+MIN_TOKENS = 64
+"""Fewer scored tokens than this give a perplexity too noisy to read; evaluation says so."""
+MIN_SENTENCES = 8
+"""Likewise for sentences in embedding fidelity."""
 
 
 def default_metrics(model: nn.Module, data: str, has_reference: bool = False) -> list[str]:
@@ -110,18 +118,26 @@ def evaluate_model(
             nll = checked_token_nll(model, ids, w, stride or w, batch_size)
             results[metric] = math.exp(float(nll.mean()))
             _keep(items, metric, nll)
+            _few(metric, len(nll), "tokens", MIN_TOKENS)
         elif metric == "mlm_perplexity":
             results[metric] = mlm_perplexity(model, tokenizer, ids, seed, window, batch_size)
         elif metric == "embedding_fidelity":
             cosines = fidelity_cosines(model, reference, tokenizer, fidelity_sentences(data, tokenizer, max_tokens))
             results[metric] = float(cosines.mean())
             _keep(items, metric, cosines)
+            _few(metric, len(cosines), "sentences", MIN_SENTENCES)
         elif metric in ("lee_pearson", "lee_spearman"):
             if metric not in results:
                 results["lee_pearson"], results["lee_spearman"] = lee_correlation(model, tokenizer)
         elif metric == "polarity_accuracy":
             results[metric] = polarity_accuracy(model, tokenizer)
     return {m: results[m] for m in chosen}
+
+
+def _few(metric: str, count: int, what: str, least: int) -> None:
+    if count < least:
+        log.warning("%s is measured on only %d %s; a value from so few is noise (give at least %d)",
+                    metric, count, what, least)
 
 
 def _keep(items: dict[str, torch.Tensor] | None, metric: str, scores: torch.Tensor) -> None:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from aecompress.core.errors import AECompressError
 from aecompress.data import corpora
+from aecompress.data.specs import parse_spec
 from aecompress.evaluation.catalog import FIDELITY_LENGTH, device_of
 from aecompress.formats.sources import max_positions
 
@@ -42,14 +45,29 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], max_length: int = 2
 
 
 def fidelity_sentences(data: str, tokenizer, max_tokens: int | None = None, limit: int = 256) -> list[str]:
-    """The paragraphs of a data spec used for embedding fidelity: the first ``limit``, within ``max_tokens``."""
+    """The paragraphs of a data spec used for embedding fidelity: the first ``limit``, within ``max_tokens``.
+
+    A token slice (``wiki:test[:4096]``) keeps the paragraphs whose tokens lie inside it.
+    """
+    parsed = parse_spec(data)
+    paragraphs = [p for doc in corpora.parsed_documents(parsed) for p in doc.split("\n")]
+
+    def count(paragraph: str) -> int:
+        return len(tokenizer(paragraph, add_special_tokens=False, verbose=False)["input_ids"])
+
+    if parsed.sliced:
+        lengths = [count(p) for p in paragraphs]
+        first, last, _ = slice(parsed.start, parsed.stop).indices(sum(lengths))
+        ends = list(itertools.accumulate(lengths))
+        paragraphs = [p for p, n, end in zip(paragraphs, lengths, ends) if end - n >= first and end <= last]
     sentences, used = [], 0
-    for doc in corpora.documents(data):
-        for paragraph in doc.split("\n"):
-            if len(sentences) >= limit or (max_tokens and used >= max_tokens):
-                return sentences
-            sentences.append(paragraph)
-            used += min(len(tokenizer(paragraph, add_special_tokens=False, verbose=False)["input_ids"]), FIDELITY_LENGTH)
+    for paragraph in paragraphs:
+        if len(sentences) >= limit or (max_tokens and used >= max_tokens):
+            break
+        sentences.append(paragraph)
+        used += min(count(paragraph), FIDELITY_LENGTH)
+    if not sentences:
+        raise AECompressError(f"data {data!r} leaves no paragraph for embedding fidelity; give more text or a wider slice")
     return sentences
 
 

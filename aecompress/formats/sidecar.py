@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
-from aecompress.core.budget import original_bytes
+from aecompress.core.budget import bits_per_weight, original_bytes, whole_model
 from aecompress.core.codes import SCALES_SUFFIX
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import read_json, write_json
 from aecompress.core.stored import StoredForm
 from aecompress.core.version import __version__
+from aecompress.formats.sources import public_name
 
 ExportFormat = Literal["decoded", "compact"]
 SIDECAR = "aecompress.json"
@@ -32,8 +34,22 @@ SUPPORTED_VERSIONS = (1, 2, 3)
 Kind = Literal["compact", "decoded", "plain", "none"]
 
 
-def build(forms: dict[str, StoredForm], source: str, auto_class: str, fmt: ExportFormat, model_name: str) -> dict:
-    """Provenance and accounting shared by both formats."""
+def covered(model: nn.Module, forms: dict[str, StoredForm]) -> dict[str, int]:
+    """Parameter name -> how many of its numbers the compressed groups hold."""
+    params = dict(model.named_parameters())
+    out: dict[str, int] = {}
+    for form in forms.values():
+        for member in form.group.members:
+            rows, width = member.view(params[member.param]).shape
+            out[member.param] = out.get(member.param, 0) + rows * width
+    return out
+
+
+def build(forms: dict[str, StoredForm], model: nn.Module, auto_class: str, fmt: ExportFormat, model_name: str) -> dict:
+    """Provenance and accounting shared by both formats: what was compressed and its size, counted by the accountant.
+
+    The source is named by its hub id, packaged name or directory name, never by a path of this machine.
+    """
     original = sum(f.group.rows * f.group.width for f in forms.values())
     stored = sum(f.numbers for f in forms.values())
     stored_b = sum(f.bytes for f in forms.values())
@@ -41,8 +57,7 @@ def build(forms: dict[str, StoredForm], source: str, auto_class: str, fmt: Expor
         "format": f"aecompress-{fmt}",
         "format_version": version(forms),
         "aecompress_version": __version__,
-        "source_model": model_name,
-        "source": source,
+        "source_model": public_name(model_name),
         "auto_class": auto_class,
         "target_ratio": next(iter(forms.values())).meta.get("target_ratio") if forms else None,
         "achieved_ratio": original_bytes(original, 1) / stored_b if stored_b else None,
@@ -50,12 +65,15 @@ def build(forms: dict[str, StoredForm], source: str, auto_class: str, fmt: Expor
         "original_bytes": original_bytes(original, 1),
         "stored_numbers": stored,
         "stored_bytes": stored_b,
+        "bits_per_weight": bits_per_weight(stored_b, original),
+        "whole_model": whole_model(dict(model.named_parameters()), covered(model, forms), stored_b),
         "groups": [
             {
                 "group": f.group.to_dict(),
                 "method": f.method,
                 "meta": f.meta,
                 "ratio": f.ratio,
+                "bits_per_weight": bits_per_weight(f.bytes, f.group.rows * f.group.width),
                 "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                             for k, t in f.tensors.items()},
             }

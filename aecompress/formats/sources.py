@@ -148,3 +148,16 @@ def max_positions(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def public_name(name: str) -> str:
+    """How a model is named in what we write: a packaged name or hub id as given, a local directory by its name only.
+
+    An export must not carry the path of the machine that made it.
+    """
+    if name in PACKAGED:
+        return name
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        return path.resolve().name
+    return name

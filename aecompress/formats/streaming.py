@@ -34,7 +34,7 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target
 from aecompress.core.groups import Member
 from aecompress.core.stored import StoredForm
-from aecompress.formats import sidecar
+from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
 from aecompress.formats.lazy import INDEX, TensorFiles, checkpoint_keys
 from aecompress.methods.substitute import decode_all
@@ -131,7 +131,7 @@ def _write_configs(model: nn.Module, source: str, target: Path) -> None:
 
 def export_streaming(
     model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm], source: str, auto_class: str,
-    model_name: str, out_dir: str, overwrite: bool = False,
+    model_name: str, out_dir: str, overwrite: bool = False, card_info: dict | None = None,
 ) -> Path:
     """Write the decoded export shard by shard from the source's safetensors files.
 
@@ -175,7 +175,9 @@ def export_streaming(
                 "weight_map": files.weight_map,
             }
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        sidecar.write(tmp, sidecar.build(forms, source, auto_class, "decoded", model_name))
+        meta = sidecar.build(forms, model, auto_class, "decoded", model_name)
+        sidecar.write(tmp, meta)
+        card.write(tmp, meta, source, {**(card_info or {}), "directory_name": Path(out_dir).name})
     log.info("streamed decoded model to %s", out_dir)
     return Path(out_dir)
 

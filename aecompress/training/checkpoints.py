@@ -16,6 +16,8 @@ from aecompress.core.errors import AECompressError
 from aecompress.methods.autoencoder_nets import AESpec
 
 SIGNATURE = "aecompress_signature"
+DERIVED = {"latent", "decoder_hidden", "encoder_hidden"}
+"""Spec fields solved from the settings and the budget, named last when a checkpoint differs."""
 
 
 class Accepting(Protocol):
@@ -97,7 +99,8 @@ def differences(saved, current, path: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = [f"{path}{k}: in this config only" for k in current if k not in saved]
         out += [f"{path}{k}: in the checkpoint only" for k in saved if k not in current]
-        for k in saved:
+        # Sizes follow from the settings: name a differing setting before the sizes it changed.
+        for k in sorted(saved, key=lambda k: k in DERIVED):
             if k in current:
                 out += differences(saved[k], current[k], f"{path}{k}.")
         return out

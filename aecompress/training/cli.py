@@ -9,19 +9,25 @@ flags come from its signature. :func:`build_cli` is the one way the CLI is built
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from aecompress.core.errors import AECompressError
+from aecompress.core.files import read_json
 from aecompress.formats import sidecar
-from aecompress.formats.export import export
+from aecompress.formats.export import export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.streaming import export_streaming
+from aecompress.training.arguments import explain
 from aecompress.training.checkpoints import load_weights
 from aecompress.training.datamodule import WeightRowsDataModule
 from aecompress.training.module import CompressorModule
+from aecompress.training.report import card_info
+from aecompress.training.rundir import RunConfig
 from aecompress.training.timing import FitTimer
 
 log = logging.getLogger(__name__)
@@ -55,18 +61,23 @@ class AETrainer(L.Trainer):
                 the rows were read lazily (``data.lazy`` on a local safetensors checkpoint).
         """
         streaming = _streams(stream, format, datamodule)
+        refuse_own_source(datamodule.source, out_dir)
         self.strategy.barrier("aecompress-export-start")
         if self.is_global_zero:
             load_weights(model, ckpt_path)
             forms = model.stored_forms(datamodule.rows)
+            info = card_info(ckpt_path, out_dir, format, getattr(self, "config_paths", []))
             if streaming:
                 export_streaming(datamodule.skeleton, datamodule.tensor_files, forms, datamodule.source,
-                                 datamodule.auto_class, datamodule.model_name, out_dir, overwrite)
+                                 datamodule.auto_class, datamodule.model_name, out_dir, overwrite, card_info=info)
             else:
                 export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
-                       datamodule.model_name, out_dir, format, overwrite)
-            meta = sidecar.build(forms, datamodule.source, datamodule.auto_class, format, datamodule.model_name)
-            print(f"exported {format} model to {out_dir} (achieved ratio {meta['achieved_ratio']:.3f})")
+                       datamodule.model_name, out_dir, format, overwrite, card_info=info)
+            meta = read_json(Path(out_dir) / sidecar.SIDECAR)
+            whole = meta["whole_model"]
+            print(f"exported {format} model to {out_dir}: {meta['bits_per_weight']:.3f} bits per weight in the "
+                  f"compressed groups (ratio {meta['achieved_ratio']:.3f}), {whole['bits_per_weight']:.3f} for the "
+                  f"whole model (ratio {whole['ratio']:.3f})")
         self.strategy.barrier("aecompress-export")
 
 
@@ -102,6 +113,15 @@ class AECompressCLI(LightningCLI):
             "export": {"model", "datamodule"},
         }
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse as LightningCLI does; a bad option or value becomes one line naming what is valid."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            subcommand = args[0] if args and args[0] in self.subcommands() else None
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            raise explain(err, subparsers.get(subcommand, parser), subcommand) from None
+
     def add_arguments_to_parser(self, parser) -> None:
         """Group sizes and budgets are known only once the model is loaded."""
         parser.link_arguments("data.group_specs", "model.groups", apply_on="instantiate")
@@ -129,6 +149,10 @@ class AECompressCLI(LightningCLI):
 
     before_validate = before_fit
 
+    def before_export(self) -> None:
+        """Hand export the config files it was given, for the model card's commands."""
+        self.trainer.config_paths = [str(p) for p in (self.config[self.subcommand].get("config") or [])]
+
     def after_fit(self) -> None:
         """Print where the fit's time went, and where the best checkpoint is, for ``aecompress export --ckpt_path``."""
         for timer in (c for c in self.trainer.callbacks if isinstance(c, FitTimer)):
@@ -153,13 +177,17 @@ def build_cli(args: list[str], run: bool = True, description: str = "", epilog: 
         description: the ``--help`` description.
         epilog: the ``--help`` epilog.
     """
+    quiet = {"exit_on_error": False}
+    parser_kwargs = {"description": description, "epilog": epilog, **quiet} if run else dict(quiet)
+    if run:
+        parser_kwargs.update({name: dict(quiet) for name in AECompressCLI.subcommands()})
     return AECompressCLI(
         CompressorModule,
         WeightRowsDataModule,
         trainer_class=AETrainer,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": description, "epilog": epilog} if run else None,
+        save_config_callback=RunConfig,
+        parser_kwargs=parser_kwargs,
         run=run,
         args=args,
     )

@@ -1,0 +1,108 @@
+"""The export's own model card (``README.md``): what was compressed, how, how big, how good, how to load it.
+
+It replaces the original's card (which describes a different model) and keeps the original's
+license. It names the original by hub id, package or directory name, never by a local path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from aecompress.formats.packaged import HUB_IDS, PACKAGED
+
+CARD = "README.md"
+_LICENSE = re.compile(r"^license:\s*(\S.*)$", re.M)
+
+
+def original_license(source: str | Path) -> str | None:
+    """The license in the original card's front matter, if the source directory has a card that says."""
+    card = Path(source) / CARD
+    if not card.is_file():
+        return None
+    text = card.read_text(errors="replace")
+    front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    found = _LICENSE.search(front)
+    return found.group(1).strip().strip("'\"") if found else None
+
+
+def _size_rows(meta: dict) -> list[str]:
+    whole = meta.get("whole_model") or {}
+    rows = [
+        "| what | parameters | stored bytes | bits per weight | ratio (vs float32) |",
+        "|---|---|---|---|---|",
+        f"| compressed groups | {meta['original_numbers']:,} | {meta['stored_bytes']:,} | "
+        f"{meta['bits_per_weight']:.3f} | {meta['achieved_ratio']:.3f} |",
+    ]
+    if whole:
+        rows.append(f"| whole model | {whole['parameters']:,} | {whole['stored_bytes']:,} | "
+                    f"{whole['bits_per_weight']:.3f} | {whole['ratio']:.3f} |")
+    return rows
+
+
+def _group_lines(meta: dict) -> list[str]:
+    lines = []
+    for entry in meta["groups"]:
+        group = entry["group"]
+        layers = sorted({m["layer"] for m in group["members"] if m["layer"] is not None})
+        where = f"{len(group['members'])} matrices" + (f" (layers {layers[0]}-{layers[-1]})" if layers else "")
+        lines.append(f"- `{group['name']}`: {group['rows']} x {group['width']} rows from {where}, method `{entry['method']}`, "
+                     f"{entry.get('bits_per_weight', float('nan')):.3f} bits per weight, ratio {entry['ratio']:.3f}")
+    return lines
+
+
+def _quality_lines(report: dict | None, reproduce: str) -> list[str]:
+    if not report:
+        return ["Not measured with this export. Measure it against the original with:", "",
+                "```bash", reproduce, "```"]
+    metric = report["metric"]
+    lines = [f"Measured after fitting on `{report['split']}` (held out: nothing was selected on it), "
+             f"{report['tokens_or_items']}; {report['direction']}.", "",
+             f"| model | bits per weight | {metric} |", "|---|---|---|"]
+    for row in report["rows"]:
+        bpw = row.get("bits_per_weight")
+        lines.append(f"| {row['name']} | {'-' if bpw is None else f'{bpw:.3f}'} | {row[metric]:.6g} |")
+    return [*lines, "", "Reproduce the measurement of this export:", "", "```bash", reproduce, "```"]
+
+
+def render(meta: dict, license_name: str | None, recipe: str | None, commands: list[str],
+           report: dict | None, directory_name: str) -> str:
+    """The card's text."""
+    original = meta["source_model"]
+    hub = HUB_IDS.get(original)
+    named = f"`{original}` ({hub}, {PACKAGED[original].split(' from ', 1)[-1]})" if hub else f"`{original}`"
+    fmt = meta["format"].removeprefix("aecompress-")
+    methods = sorted({g["method"] for g in meta["groups"]})
+    load = (f"model = transformers.{meta['auto_class']}.from_pretrained(\"{directory_name}\")" if fmt == "decoded"
+            else f"model = aecompress.load_compact(\"{directory_name}\")  # or materialize=False: decoded just in time")
+    reproduce = (f"aecompress evaluate --model {directory_name} --data {report['split'] if report else 'wiki:test'}"
+                 + (f" --reference {original}" if report and report.get("needs_reference") else ""))
+    front = ["---", f"license: {license_name or 'other'}", "library_name: transformers", "tags:", "- aecompress",
+             "- compressed", f"- {fmt}"]
+    if hub or (original and "/" in original):
+        front.append(f"base_model: {hub or original}")
+    lines = [*front, "---", "", f"# {original}, compressed with aecompress", "",
+             f"{named} with {len(meta['groups'])} weight group(s) compressed offline by "
+             f"{', '.join(f'`{m}`' for m in methods)}" + (f", recipe `{recipe}`" if recipe else "")
+             + f" (aecompress {meta['aecompress_version']}, {fmt} format). The rest of the weights are the original's.",
+             "", "## Size", "", *_size_rows(meta), "",
+             *(["This decoded export holds full-size float32 weights, so plain transformers loads it as it is; the "
+                "sizes above are what the compressed form stores (`aecompress export --format compact` keeps only that).",
+                ""] if fmt == "decoded" else []),
+             "Compressed groups:", "", *_group_lines(meta), "",
+             "## Quality against the original", "", *_quality_lines(report, reproduce), ""]
+    if commands:
+        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    lines += ["## Load it", "", "```python", "import aecompress, transformers" if fmt == "compact" else "import transformers",
+              load, "```", "", "## License", "",
+              f"The original's license applies: `{license_name or 'see the original model'}` ({original})."
+              " This card is written by aecompress; the original's card describes the uncompressed model.", ""]
+    return "\n".join(lines)
+
+
+def write(directory: Path, meta: dict, source: str, info: dict | None) -> None:
+    """Write the card into an export directory (called inside its atomic write)."""
+    info = info or {}
+    text = render(meta, original_license(source), info.get("recipe"), info.get("commands", []), info.get("report"),
+                  info.get("directory_name", Path(directory).name))
+    (Path(directory) / CARD).write_text(text)

@@ -1,0 +1,151 @@
+"""How good the fit is, said when it ends: the compressed model against the original and the factorizations.
+
+:class:`FitReport` measures, on held-out text nothing was selected on, the best checkpoint's
+model next to the original and next to SVD and whitened SVD at the same target ratio (counted
+by the same accountant), prints a short table and saves it as ``report.json`` in the run
+directory. ``aecompress export`` puts it in the export's model card when it belongs to the
+checkpoint exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
+
+import aecompress.methods as methods
+from aecompress.core.budget import bits_per_weight
+from aecompress.core.errors import AECompressError
+from aecompress.core.files import sha256
+from aecompress.data.specs import parse_spec
+from aecompress.data.tokens import token_ids
+from aecompress.evaluation.catalog import HIGHER_IS_BETTER
+from aecompress.evaluation.metrics import evaluate_model
+from aecompress.evaluation.models import load_tokenizer
+from aecompress.evaluation.sentences import fidelity_reference
+from aecompress.formats.sources import model_kind, public_name
+from aecompress.methods.substitute import decode_all, substituted
+from aecompress.training.checkpoints import load_weights
+from aecompress.training.rundir import run_directory
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.json"
+METRIC = {"encoder": "embedding_fidelity", "causal_lm": "perplexity", "masked_lm": "mlm_perplexity"}
+
+
+class FitReport(Callback):
+    """At the end of ``fit``: the best checkpoint against the original and the factorizations, on held-out text.
+
+    Args:
+        data: the text measured on; a held-out split (``wiki:test``) that nothing was selected on.
+        max_tokens: use only the first this many tokens of ``data``.
+        baselines: closed-form methods measured beside it at the same target ratio (whitened
+            methods need ``data.calibration``; without it they are left out, with a note).
+        window: tokens per sequence for perplexities (default: the metric's own).
+    """
+
+    def __init__(self, data: str = "wiki:test", max_tokens: int | None = 8192,
+                 baselines: list[str] | None = None, window: int | None = None):
+        parse_spec(data)
+        self.data, self.max_tokens, self.window = data, max_tokens, window
+        self.baselines = ["svd", "whitened_svd"] if baselines is None else list(baselines)
+        for name in self.baselines:
+            if methods.get(name).trained:
+                raise AECompressError(f"FitReport baseline {name!r} is trained; valid: {', '.join(methods.compressors())}")
+        self.report: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure, print the table and save ``report.json`` (rank 0 only)."""
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        if best:
+            load_weights(pl_module, best)
+        self.report = self._measure(trainer, pl_module, best)
+        print(table(self.report), flush=True)
+        path = run_directory(trainer) / REPORT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{REPORT}.tmp")
+        tmp.write_text(json.dumps(self.report, indent=2) + "\n")
+        tmp.replace(path)
+
+    @torch.no_grad()
+    def _measure(self, trainer: L.Trainer, pl_module, best: str) -> dict:
+        datamodule = trainer.datamodule
+        model = datamodule.hf_model
+        kind = model_kind(model)
+        metric = METRIC[kind]
+        tokenizer = load_tokenizer(datamodule.source)
+        reference = fidelity_reference(model, tokenizer, self.data, self.max_tokens) if kind == "encoder" else None
+        ids = None if kind == "encoder" else token_ids(self.data, tokenizer)
+        candidates = {"aecompress (this fit)": list(pl_module.stored_forms(datamodule.rows).values())}
+        notes = []
+        for name in self.baselines:
+            try:
+                candidates[name] = self._baseline(datamodule, name, pl_module.target_ratio)
+            except AECompressError as err:
+                notes.append(f"{name}: {err}")
+        rows = [{"name": "original", "bits_per_weight": None, metric: self._score(model, tokenizer, metric, reference, ids)}]
+        for name, forms in tqdm(candidates.items(), desc="report", unit="model", leave=False):
+            original = sum(f.group.rows * f.group.width for f in forms)
+            stored = sum(f.bytes for f in forms)
+            with substituted(model, decode_all(forms), originals=datamodule.rows):
+                score = self._score(model, tokenizer, metric, reference, ids)
+            rows.append({"name": name, "bits_per_weight": bits_per_weight(stored, original), "stored_bytes": stored,
+                         "ratio": 4 * original / stored, metric: score})
+        counted = f"first {self.max_tokens} tokens" if self.max_tokens else "all of it"
+        return {"split": self.data, "metric": metric, "tokens_or_items": counted,
+                "direction": "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better",
+                "model": public_name(datamodule.model_name), "target_ratio": pl_module.target_ratio,
+                "checkpoint": Path(best).name if best else None,
+                "checkpoint_sha256": sha256(Path(best)) if best else None,
+                "needs_reference": kind == "encoder", "rows": rows, "notes": notes}
+
+    def _baseline(self, datamodule, name: str, ratio: float) -> list:
+        method = methods.get(name)
+        stats = {}
+        for kind in method.needs:
+            if datamodule.calibration_spec is None:
+                raise AECompressError("needs calibration text (data.calibration)")
+            stats = datamodule.calibration().stats(datamodule.groups, kind)
+        return [methods.compress(name, g, datamodule.rows[g.name], ratio, stats.get(g.name)) for g in datamodule.groups]
+
+    def _score(self, model, tokenizer, metric: str, reference, ids) -> float:
+        results = evaluate_model(model, tokenizer, self.data, [metric], reference=reference, max_tokens=self.max_tokens,
+                                 window=self.window, ids=ids)
+        return float(results[metric])
+
+
+def table(report: dict) -> str:
+    """The report as a short text table."""
+    metric = report["metric"]
+    lines = [f"quality on {report['split']} ({report['tokens_or_items']}; {metric}, {report['direction']}):",
+             f"  {'model':<24} {'bits/weight':>11} {metric:>20}"]
+    for row in report["rows"]:
+        bpw = "-" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
+        lines.append(f"  {row['name']:<24} {bpw:>11} {row[metric]:>20.6g}")
+    lines += [f"  (not measured: {note})" for note in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def card_info(ckpt_path: str, out_dir: str, fmt: str, configs: list[str]) -> dict:
+    """What an export's model card says beyond the sidecar: recipe, commands, and the fit's report if it is this checkpoint's."""
+    shown = [c if not Path(c).is_absolute() else Path(c).name for c in configs]
+    flags = " ".join(f"--config {c}" for c in shown)
+    commands = [f"aecompress fit {flags}",
+                f"aecompress export {flags} --ckpt_path {Path(ckpt_path).name} --out_dir {Path(out_dir).name} --format {fmt}"]
+    report_path = Path(ckpt_path).parent / REPORT
+    report = None
+    if report_path.is_file():
+        try:
+            found = json.loads(report_path.read_text())
+            report = found if found.get("checkpoint_sha256") == sha256(Path(ckpt_path)) else None
+        except (OSError, ValueError):
+            report = None
+    return {"recipe": ", ".join(shown) or None, "commands": commands if configs else [], "report": report}
