@@ -24,6 +24,8 @@ def _fit(tiny_lm, tmp_path: Path, refine, significance: float | None = 2.0, **sc
         if cb["class_path"].endswith("ModelQualityCallback"):
             cb["init_args"].update(significance=significance, **script)
             cb["class_path"] = "tests.scripted.ScriptedQuality" if script else cb["class_path"]
+        if cb["class_path"].endswith("ModelCheckpoint") and script:  # the scripted measurement is a perplexity
+            cb["init_args"]["monitor"] = "val/perplexity_significant"
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     main(["fit", "-v", "--config", str(tmp_path / "config.yaml")])  # -v: the choice is logged at INFO

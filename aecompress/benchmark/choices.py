@@ -38,6 +38,10 @@ class MethodChoice:
             training settings are used; the model, modules, mode and ratio come from the benchmark.
         overrides: for ``ae``: dotted keys replacing recipe values, e.g.
             ``{"model.storage_dtype": "float16", "trainer.max_steps": 100}``.
+        allocation: how a budget is shared by the groups: ``uniform`` (every group the same bits
+            per weight) or ``measured`` (by sensitivity per byte on calibration text, the same total;
+            see ``aecompress.evaluation.allocation``). For a trained method, set ``data.allocation``
+            in its recipe instead.
     """
 
     method: str
@@ -46,6 +50,7 @@ class MethodChoice:
     mode: str | None = None
     recipe: str | None = None
     overrides: dict = field(default_factory=dict)
+    allocation: str = "uniform"
 
     @property
     def label(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from aecompress.benchmark.results import Row, by_group, value
+from aecompress.benchmark.results import Row, by_group, target_label, value
 from aecompress.evaluation.catalog import lower_is_better
 
 
@@ -106,3 +106,80 @@ def _style(method: str, color) -> dict:
     if method.startswith("ae"):
         return {"color": color, "marker": "*", "markersize": 9, "linewidth": 2.2}
     return {"color": color, "marker": "o", "markersize": 4, "linewidth": 1.2}
+
+
+def whole_model_markdown(rows: list[Row], split: str) -> str:
+    """One table per group for bits-per-weight benchmarks: every method at every budget, all metrics, costs.
+
+    Sizes are achieved bits per weight (compressed groups, and the whole checkpoint), counted
+    by the one accountant; methods at their own size (other packages' checkpoints) sit among them.
+    """
+    measured = [r for r in rows if r.split == split and r.metric != "failed"]
+    metrics = list(dict.fromkeys(r.metric for r in measured))
+    lines = [f"# Results on `{split}`", ""]
+    original = {r.metric: value(r.value) for r in measured if r.method == "original"}
+    if original:
+        lines += ["Original: " + ", ".join(f"{m} {v:.4g}" for m, v in original.items()), ""]
+    jobs: dict[tuple[str, str, str], dict] = {}
+    for r in measured:
+        if r.method != "original":
+            job = jobs.setdefault((r.group, r.method, target_label(r.target_ratio, r.target_bits)), {"row": r})
+            job[r.metric] = value(r.value)
+    for group in dict.fromkeys(g for g, _, _ in jobs):
+        lines += [f"## {group}", "",
+                  "| method | budget | bits/weight | whole model bits/weight | " + " | ".join(
+                      f"{m} ({'lower' if lower_is_better(m) else 'higher'} is better)" for m in metrics)
+                  + " | seconds | peak MiB |",
+                  "|---|---|---|---|" + "---|" * len(metrics) + "---|---|"]
+        ordered = sorted(((k, v) for k, v in jobs.items() if k[0] == group),
+                         key=lambda kv: (-value(kv[1]["row"].bits_per_weight), kv[0][1]))
+        for (_, method, target), job in ordered:
+            row = job["row"]
+            cells = [f"{job[m]:.4g}" if m in job else "" for m in metrics]
+            lines.append(f"| {method} | {target if target != '-' else 'own size'} | {value(row.bits_per_weight):.3f} | "
+                         f"{value(row.whole_bits_per_weight):.3f} | " + " | ".join(cells)
+                         + f" | {value(row.seconds):.1f} | {value(row.peak_rss_mb):.0f} |")
+        lines.append("")
+    failures = [r for r in rows if r.metric == "failed"]
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r.group} / {r.method} / {target_label(r.target_ratio, r.target_bits)}: {r.note}" for r in failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_bits(rows: list[Row], split: str, path: Path) -> Path | None:
+    """Each metric against achieved bits per weight, one line per method; the original as a dashed line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    measured = [r for r in rows if r.split == split and r.metric != "failed" and r.method != "original"]
+    metrics = list(dict.fromkeys(r.metric for r in measured))
+    if not measured:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    names = list(dict.fromkeys(r.method for r in measured))
+    palette = plt.get_cmap("tab20")
+    for ax, metric in zip(axes[0], metrics):
+        for i, method in enumerate(names):
+            points = sorted((value(r.bits_per_weight), value(r.value)) for r in measured
+                            if r.method == method and r.metric == metric)
+            if points:
+                ax.plot(*zip(*points), label=method, **_style(method, palette(i % 20)))
+        for r in rows:
+            if r.method == "original" and r.metric == metric and r.split == split:
+                ax.axhline(value(r.value), color="black", linestyle="--", linewidth=1, label="original")
+                break
+        if metric.startswith("kl") or metric in ("perplexity", "mlm_perplexity"):
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (compressed groups, stored)")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

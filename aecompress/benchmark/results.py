@@ -13,10 +13,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from aecompress.core.errors import AECompressError
+
 COLUMNS = (
     "model", "group", "method", "target_ratio", "achieved_ratio", "stored_numbers", "stored_bytes",
     "split", "metric", "value", "seconds", "note",
+    "target_bits", "bits_per_weight", "whole_bits_per_weight", "peak_rss_mb",
 )
+"""The CSV's columns; files written before the last four existed are read with those empty."""
 
 
 @dataclass
@@ -35,10 +39,21 @@ class Row:
     value: float | str
     seconds: float | str
     note: str = ""
+    target_bits: float | str = ""
+    bits_per_weight: float | str = ""
+    whole_bits_per_weight: float | str = ""
+    peak_rss_mb: float | str = ""
 
     def key(self) -> tuple[str, str, str, str]:
-        """What identifies one benchmark job: model, group, method, target ratio."""
-        return self.model, self.group, self.method, _ratio_text(self.target_ratio)
+        """What identifies one benchmark job: model, group, method, and its target (bits per weight, else ratio)."""
+        return self.model, self.group, self.method, target_label(self.target_ratio, self.target_bits)
+
+
+def target_label(ratio: float | str, bits: float | str = "") -> str:
+    """A job's target as shown and keyed: ``3bpw`` for a bits budget, else the ratio."""
+    if bits not in ("", None):
+        return f"{float(bits):g}bpw"
+    return _ratio_text(ratio)
 
 
 def _ratio_text(ratio: float | str) -> str:
@@ -54,20 +69,33 @@ class ResultsCSV:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[Row] = list(self._read()) if self.path.is_file() else []
+        if self.path.is_file() and self._header() != COLUMNS:  # an older file: rewrite it with every column
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(_formatted(row) for row in self.rows)
+            os.replace(tmp, self.path)
+
+    def _header(self) -> tuple[str, ...]:
+        with open(self.path, newline="") as fh:
+            return tuple(next(csv.reader(fh), []))
 
     def _read(self) -> Iterable[Row]:
         with open(self.path, newline="") as fh:
             reader = csv.DictReader(fh)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise ValueError(f"{self.path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
+            found = tuple(reader.fieldnames or ())
+            if found != COLUMNS[: len(found)] or len(found) < COLUMNS.index("note") + 1:
+                raise AECompressError(f"{self.path} has columns {list(found)}, not a benchmark's {list(COLUMNS)}; "
+                                      "give another --out_dir")
             for record in reader:
                 if None in record.values() or None in record:  # a line cut short by a kill
                     continue
-                yield Row(**{f.name: record[f.name] for f in fields(Row)})
+                yield Row(**{f.name: record.get(f.name, "") for f in fields(Row)})
 
-    def done(self, model: str, group: str, method: str, ratio: float | str) -> bool:
+    def done(self, model: str, group: str, method: str, ratio: float | str, bits: float | str = "") -> bool:
         """Whether this job already has rows (a result or a recorded failure)."""
-        key = (model, group, method, _ratio_text(ratio))
+        key = (model, group, method, target_label(ratio, bits))
         return any(r.key() == key for r in self.rows)
 
     def add(self, rows: list[Row]) -> None:
@@ -87,7 +115,7 @@ class ResultsCSV:
 def _formatted(row: Row) -> dict:
     out = asdict(row)
     out["target_ratio"] = _ratio_text(out["target_ratio"])
-    for key in ("achieved_ratio", "value", "seconds"):
+    for key in ("achieved_ratio", "value", "seconds", "bits_per_weight", "whole_bits_per_weight", "peak_rss_mb"):
         if isinstance(out[key], float):
             out[key] = f"{out[key]:.6g}"
     return out

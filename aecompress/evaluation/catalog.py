@@ -12,10 +12,18 @@ from torch import nn
 from aecompress.core.errors import AECompressError
 from aecompress.formats.sources import max_positions, model_kind
 
-METRICS = ("perplexity", "mlm_perplexity", "embedding_fidelity", "lee_pearson", "lee_spearman", "polarity_accuracy")
+METRICS = ("kl_to_original", "kl_to_original_p99", "top1_agreement", "perplexity", "mlm_perplexity",
+           "embedding_fidelity", "lee_pearson", "lee_spearman", "polarity_accuracy")
 """Every metric name; these are also the keys of ``evaluate --json``."""
-HIGHER_IS_BETTER = {"perplexity": False, "mlm_perplexity": False, "embedding_fidelity": True,
+HIGHER_IS_BETTER = {"kl_to_original": False, "kl_to_original_p99": False, "top1_agreement": True,
+                    "perplexity": False, "mlm_perplexity": False, "embedding_fidelity": True,
                     "lee_pearson": True, "lee_spearman": True, "polarity_accuracy": True}
+FIDELITY_METRICS = ("kl_to_original", "kl_to_original_p99", "top1_agreement")
+"""Causal-LM metrics against the original (see :mod:`aecompress.evaluation.fidelity`): they rank; perplexity is beside them."""
+CAUSAL_METRICS = (*FIDELITY_METRICS, "perplexity")
+"""Measured per token of a causal LM, in one pass."""
+TOKEN_ITEMS = ("kl_to_original", "top1_agreement", "perplexity")
+"""Metrics whose per-token scores can be paired between two models (their items are correlated tokens)."""
 FIDELITY_LENGTH = 128
 """Tokens per sentence (truncated) for embedding fidelity."""
 SENTENCE_METRICS = ("embedding_fidelity", "lee_pearson", "lee_spearman", "polarity_accuracy")
@@ -35,15 +43,15 @@ def window_for(model: nn.Module, window: int | None, default: int) -> int:
 
 
 def cannot(metric: str, model: nn.Module) -> str:
-    need = {"perplexity": "a causal LM head (...ForCausalLM)", "mlm_perplexity": "a masked-LM head (...ForMaskedLM)"}
-    return (f"{metric} needs {need[metric]}; {type(model).__name__} has none. "
+    need = {"mlm_perplexity": "a masked-LM head (...ForMaskedLM)"}.get(metric, "a causal LM head (...ForCausalLM)")
+    return (f"{metric} needs {need}; {type(model).__name__} has none. "
             f"Metrics for it: {', '.join(applicable_metrics(model))}")
 
 
 def applicable_metrics(model: nn.Module) -> list[str]:
     """The metrics a model can be asked for."""
     kind = model_kind(model)
-    head = {"causal_lm": ["perplexity"], "masked_lm": ["mlm_perplexity"], "encoder": []}[kind]
+    head = {"causal_lm": list(CAUSAL_METRICS), "masked_lm": ["mlm_perplexity"], "encoder": []}[kind]
     return head + list(SENTENCE_METRICS)
 
 

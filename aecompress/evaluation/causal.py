@@ -1,4 +1,4 @@
-"""Causal-LM quality: next-token NLL per token over fixed windows, and perplexity.
+"""Causal-LM quality: next-token NLL per token over fixed windows, perplexity, and fidelity to the original.
 
 The sliding-window protocol: the first window scores all its predictions, every later one
 only its last ``stride`` tokens, each with up to ``window - 1`` tokens of context. Per-token
@@ -16,11 +16,12 @@ from torch import nn
 from aecompress.core.errors import AECompressError
 from aecompress.data.tokens import windows
 from aecompress.evaluation.catalog import cannot, device_of
+from aecompress.evaluation.fidelity import TOP_K, TeacherTargets, compare
 from aecompress.formats.sources import model_kind
 
 
-def batch_token_nll(model: nn.Module, batch: torch.Tensor, first: bool, stride: int) -> torch.Tensor:
-    """NLL of each scored token of one batch of windows (float64, CPU), in stream order.
+def scored_logits(model: nn.Module, batch: torch.Tensor, first: bool, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and next tokens of each scored position of one batch of windows, in stream order.
 
     ``first`` says the batch holds the stream's first window.
     """
@@ -31,8 +32,21 @@ def batch_token_nll(model: nn.Module, batch: torch.Tensor, first: bool, stride: 
         labels[1 if first else 0 :, : window - 1 - stride] = -100
     logits = model(input_ids=batch, use_cache=False).logits
     flat = labels.reshape(-1)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, reduction="none")
-    return nll[flat != -100].double().cpu()
+    keep = flat != -100
+    return logits.reshape(-1, logits.shape[-1])[keep], flat[keep]
+
+
+def batch_token_nll(model: nn.Module, batch: torch.Tensor, first: bool, stride: int) -> torch.Tensor:
+    """NLL of each scored token of one batch of windows (float64, CPU), in stream order."""
+    logits, labels = scored_logits(model, batch, first, stride)
+    return F.cross_entropy(logits.float(), labels, reduction="none").double().cpu()
+
+
+def _batches(model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int):
+    chunks = windows(ids, window, stride)
+    device = device_of(model)
+    for begin in range(0, len(chunks), batch_size):
+        yield chunks[begin : begin + batch_size].to(device), begin == 0
 
 
 @torch.no_grad()
@@ -46,13 +60,40 @@ def causal_token_nll(
     tokens, each with up to ``window - 1`` tokens of context. Per-token values let two
     models be compared on the same tokens (see :mod:`aecompress.evaluation.paired`).
     """
-    chunks = windows(ids, window, stride)
-    device = device_of(model)
-    parts = [
-        batch_token_nll(model, chunks[begin : begin + batch_size].to(device), begin == 0, stride)
-        for begin in range(0, len(chunks), batch_size)
-    ]
-    return torch.cat(parts)
+    return torch.cat([batch_token_nll(model, batch, first, stride)
+                      for batch, first in _batches(model, ids, window, stride, batch_size)])
+
+
+@torch.no_grad()
+def teacher_targets(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int = 512, batch_size: int = 4,
+                    k: int = TOP_K) -> TeacherTargets:
+    """The original's next-token distributions at every scored token (see :mod:`aecompress.evaluation.fidelity`)."""
+    parts = [TeacherTargets.of(scored_logits(model, batch, first, stride)[0], k)
+             for batch, first in _batches(model, ids, window, stride, batch_size)]
+    return TeacherTargets.joined(parts, window, stride)
+
+
+@torch.no_grad()
+def causal_token_scores(
+    model: nn.Module, ids: torch.Tensor, window: int, stride: int, batch_size: int, targets: TeacherTargets | None
+) -> dict[str, torch.Tensor]:
+    """Per scored token, in one pass: ``nll``, and with the original's targets ``kl`` and ``agree`` (float64, CPU)."""
+    if targets is not None and (targets.window, targets.stride) != (window, stride):
+        raise AECompressError(f"the original was scored with window {targets.window} and stride {targets.stride}, "
+                              f"the model with {window} and {stride}; use the same")
+    out: dict[str, list[torch.Tensor]] = {"nll": [], "kl": [], "agree": []}
+    done = 0
+    for batch, first in _batches(model, ids, window, stride, batch_size):
+        logits, labels = scored_logits(model, batch, first, stride)
+        out["nll"].append(F.cross_entropy(logits.float(), labels, reduction="none").double().cpu())
+        if targets is not None:
+            kl, agree = compare(logits, targets.part(done, len(labels)))
+            out["kl"].append(kl)
+            out["agree"].append(agree)
+        done += len(labels)
+    if targets is not None and done != targets.tokens:
+        raise AECompressError(f"the model scored {done} tokens, the original {targets.tokens}; measure the same text")
+    return {name: torch.cat(parts) for name, parts in out.items() if parts}
 
 
 def causal_nll(

@@ -16,7 +16,7 @@ import math
 import torch
 
 from aecompress.core.errors import AECompressError
-from aecompress.evaluation.catalog import HIGHER_IS_BETTER
+from aecompress.evaluation.catalog import HIGHER_IS_BETTER, TOKEN_ITEMS
 
 BLOCK_TOKENS = 64
 """Items per block for per-token losses: long enough to hold most of a token's correlation with its
@@ -59,5 +59,5 @@ def paired_z(metric: str, scores: torch.Tensor, other: torch.Tensor) -> float:
     The items are those ``evaluate_model(items=...)`` fills: neighbouring tokens are correlated,
     so their spread comes from blocks of ``BLOCK_TOKENS``; sentences stand alone.
     """
-    block = BLOCK_TOKENS if metric == "perplexity" else 1
+    block = BLOCK_TOKENS if metric in TOKEN_ITEMS else 1
     return gain_z(scores, other, HIGHER_IS_BETTER[metric], block)

@@ -55,13 +55,14 @@ def _quality_lines(report: dict | None, reproduce: str) -> list[str]:
     if not report:
         return ["Not measured with this export. Measure it against the original with:", "",
                 "```bash", reproduce, "```"]
-    metric = report["metric"]
+    metrics = report.get("metrics", [report["metric"]])
     lines = [f"Measured after fitting on `{report['split']}` (held out: nothing was selected on it), "
              f"{report['tokens_or_items']}; {report['direction']}.", "",
-             f"| model | bits per weight | {metric} |", "|---|---|---|"]
+             "| model | bits per weight | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for row in report["rows"]:
         bpw = row.get("bits_per_weight")
-        lines.append(f"| {row['name']} | {'-' if bpw is None else f'{bpw:.3f}'} | {row[metric]:.6g} |")
+        lines.append(f"| {row['name']} | {'-' if bpw is None else f'{bpw:.3f}'} | "
+                     + " | ".join(f"{row[m]:.6g}" for m in metrics) + " |")
     return [*lines, "", "Reproduce the measurement of this export:", "", "```bash", reproduce, "```"]
 
 

@@ -17,7 +17,7 @@ from aecompress.core.budget import budget_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods import autoencoder, fwsvd, kronecker, prune, quantize, svd, tucker, whitened_svd
+from aecompress.methods import autoencoder, external, fwsvd, kronecker, prune, quantize, svd, tucker, whitened_svd
 from aecompress.methods.base import Built, GroupStats, Method
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ METHODS: dict[str, Method] = {
         kronecker.METHOD,
         tucker.METHOD,
         autoencoder.METHOD,
+        external.METHOD,
     )
 }
 """Method name -> method: the only place the package lists its methods."""
@@ -46,8 +47,8 @@ def get(name: str) -> Method:
 
 
 def compressors() -> list[str]:
-    """Names of the methods with a closed-form compressor (all but the trained ones)."""
-    return [name for name, m in METHODS.items() if not m.trained]
+    """Names of the methods that compress any group to a budget in closed form (not trained, not another package's)."""
+    return [name for name, m in METHODS.items() if not m.trained and m.budgeted]
 
 
 def options(name: str) -> dict[str, object]:
@@ -59,7 +60,7 @@ def compress(
     method: str,
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    ratio: float | None,
     stats: GroupStats | None = None,
     **opts,
 ) -> StoredForm:
@@ -94,8 +95,11 @@ def compress(
         raise AECompressError(f"group {group.name!r} has shape {(group.rows, group.width)}, got rows {tuple(rows.shape)}")
     if not torch.isfinite(rows).all():
         raise AECompressError(f"group {group.name!r} holds NaN or inf weights; fix the checkpoint before compressing")
-    budget = budget_bytes(group.rows, group.width, ratio)
     form = chosen.compress(group, rows.detach().cpu().float(), ratio, stats, **opts)
+    if not chosen.budgeted:  # its size is its own; the accountant counts it all the same
+        log.info("%s on %s: %d bytes, ratio %.3f", method, group.name, form.bytes, form.ratio)
+        return form
+    budget = budget_bytes(group.rows, group.width, ratio)
     if form.bytes > budget:  # the accountant is the judge; a compressor that overspends is a bug
         raise RuntimeError(f"{method} stored {form.bytes} bytes for {group.name!r}, over its budget of {budget}")
     log.info("%s on %s: %d bytes (budget %d), ratio %.3f (target %.3f)",

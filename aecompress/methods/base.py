@@ -67,6 +67,8 @@ class Method:
         compress: ``(group, rows, ratio, stats, **options) -> StoredForm`` at or under the budget;
             None for a method that is trained (``aecompress fit`` or a benchmark recipe).
         needs: the calibration statistics ``compress`` reads (``covariance``, ``fisher``).
+        budgeted: whether ``compress`` meets a byte budget; False for a method whose size is its own
+            (another package's quantized checkpoint), which the benchmark measures once at that size.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Method:
     runtime: Callable[[StoredForm, list[int]], Built] | None = None
     compress: Callable[..., StoredForm] | None = None
     needs: tuple[str, ...] = ()
+    budgeted: bool = True
 
     @property
     def trained(self) -> bool:

@@ -29,19 +29,25 @@ def compress(
     *,
     bits: int | None = None,
     dtype: FloatDtype = "float32",
+    group_size: int | None = None,
 ) -> StoredForm:
-    """Row-wise asymmetric k-bit quantization: ``W' = zero + scale * code``.
+    """Asymmetric k-bit round-to-nearest quantization: ``W' = zero + scale * code``, per row or per group of columns.
 
     Args:
         bits: code width in 1..8; ``None`` takes the largest that fits the budget.
-        dtype: the stored dtype of each row's scale and zero point.
+        dtype: the stored dtype of each scale and zero point.
+        group_size: columns sharing one scale and zero point (e.g. 64, as GPTQ and HQQ use);
+            ``None``: one per row. Must divide the width.
     """
     store = float_dtype(dtype, group, "quantize")
     m, n = group.rows, group.width
     budget = budget_bytes(m, n, ratio)
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or n % group_size):
+        raise AECompressError(f"quantize group_size {group_size!r} must divide group {group.name!r}'s width {n}")
+    g = group_size or n
 
     def cost(k: int) -> int:
-        return packed_bytes(m * n, k) + 2 * m * item_size(store)
+        return packed_bytes(m * n, k) + 2 * m * (n // g) * item_size(store)
 
     if bits is None:
         bits = largest_fitting(cost, budget, MAX_BITS)
@@ -52,16 +58,19 @@ def compress(
     elif cost(bits) > budget:
         raise infeasible_bytes(group.name, m, n, ratio, cost(bits), f"quantize ({bits} bits, {dtype} scales)")
     levels = 2**bits - 1
-    w = rows.float()
-    low, high = w.min(dim=1).values, w.max(dim=1).values
+    w = rows.float().reshape(m, n // g, g)
+    low, high = w.amin(dim=2), w.amax(dim=2)
     zero = low.to(store)
     scale = ((high - low) / levels).to(store)
     # Codes are chosen against the stored (rounded) scale and zero, so decode is their best fit.
-    z, s = zero.float().unsqueeze(1), scale.float().unsqueeze(1)
+    z, s = zero.float().unsqueeze(2), scale.float().unsqueeze(2)
     codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(0, levels).to(torch.int32)
     stream = (codes.flatten().unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
+    if group_size is None:  # one scale per row: the layout stored before groups existed
+        scale, zero = scale.squeeze(1), zero.squeeze(1)
     tensors = {"codes": pack_bits(stream.flatten()), "scale": scale.contiguous(), "zero": zero.contiguous()}
-    return StoredForm("quantize", group, tensors, meta(ratio, budget, bits=bits, dtype=dtype))
+    extra = {} if group_size is None else {"group_size": group_size}
+    return StoredForm("quantize", group, tensors, meta(ratio, budget, bits=bits, dtype=dtype, **extra))
 
 
 class QuantizedRows(RowSource):
@@ -78,8 +87,11 @@ class QuantizedRows(RowSource):
         m, n, bits = self.rows_count, self.width, self.bits
         weights = torch.arange(bits, dtype=torch.int32, device=self.codes.device)
         stream = unpack_bits(self.codes, m * n * bits).view(m * n, bits).to(torch.int32)
-        codes = (stream << weights).sum(dim=1).view(m, n).float()
-        return self.zero.float().unsqueeze(1) + self.scale.float().unsqueeze(1) * codes
+        codes = (stream << weights).sum(dim=1).float()
+        if self.scale.dim() == 1:
+            return self.zero.float().unsqueeze(1) + self.scale.float().unsqueeze(1) * codes.view(m, n)
+        grouped = codes.view(m, self.scale.shape[1], -1)  # one scale and zero per group of columns
+        return (self.zero.float().unsqueeze(2) + self.scale.float().unsqueeze(2) * grouped).reshape(m, n)
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from aecompress.core.errors import AECompressError
+from aecompress.core.memory import peak_rss, reset_peak, status
 from aecompress.formats.compact import load_compact
 from aecompress.formats.sidecar import read_compact
 from aecompress.runtime.load import load_runtime
@@ -39,24 +39,6 @@ def resident_bytes(model: nn.Module) -> int:
     return total
 
 
-def _status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
     out = model(input_ids=ids, **kwargs)
@@ -69,11 +51,11 @@ def measure(directory: str, form: str, tokens: int, threads: int, cache: bool | 
     model = load_compact(directory) if form == "decoded" else load_runtime(directory, cache)
     gc.collect()
     ids = _random_ids(model, tokens, seed)
-    loaded = _status("VmRSS")
-    reset = _reset_peak()
+    loaded = status("VmRSS")
+    reset = reset_peak()
     with torch.inference_mode():
         out = _forward(model, ids)
-    peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     torch.save(out, save)
     return {"resident_bytes": resident_bytes(model), "rss_loaded": loaded, "peak_rss_forward": peak,
             "peak_is_forward_only": reset}

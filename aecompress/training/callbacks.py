@@ -17,12 +17,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from aecompress.core.errors import AECompressError
 from aecompress.data.specs import parse_spec
 from aecompress.data.tokens import token_ids
-from aecompress.evaluation.catalog import METRICS
-from aecompress.evaluation.metrics import check_metrics, default_metrics, evaluate_model
+from aecompress.evaluation.catalog import CAUSAL_METRICS, FIDELITY_METRICS, METRICS
+from aecompress.evaluation.metrics import check_metrics, default_metrics, evaluate_model, targets_for
 from aecompress.evaluation.models import load_tokenizer
 from aecompress.evaluation.paired import paired_z
 from aecompress.evaluation.sentences import fidelity_reference
-from aecompress.formats.sources import model_kind
 from aecompress.methods.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
@@ -135,17 +134,22 @@ class ModelQualityCallback(Callback):
                 )
 
     def _prepare(self, model: torch.nn.Module) -> None:
-        """Choose metrics, tokenize the data and embed the original once (before any substitution)."""
-        encoder = model_kind(model) == "encoder"
+        """Choose metrics, tokenize the data, and measure the original once (before any substitution).
+
+        The original's embeddings (encoders) or next-token targets (causal LMs) are what every
+        later measurement compares with, so fidelity is measured without a second copy of the model.
+        """
         self._chosen = check_metrics(
-            self.metrics if self.metrics is not None else default_metrics(model, self.data, has_reference=encoder),
+            self.metrics if self.metrics is not None else default_metrics(model, self.data, has_reference=True),
             model, has_reference=True,
         )
-        if any(m in ("perplexity", "mlm_perplexity") for m in self._chosen):
+        if any(m in (*CAUSAL_METRICS, "mlm_perplexity") for m in self._chosen):
             ids = token_ids(self.data, self._tokenizer)
             self._ids = ids[: self.max_tokens] if self.max_tokens else ids
         if "embedding_fidelity" in self._chosen:
             self._reference = fidelity_reference(model, self._tokenizer, self.data, self.max_tokens)
+        if any(m in FIDELITY_METRICS for m in self._chosen):
+            self._reference = targets_for(model, self._ids, self.window, None, self.batch_size)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Substitute, measure, restore, log ``val/<metric>`` (and the guarded values)."""

@@ -21,16 +21,21 @@ from lightning.pytorch.utilities import CombinedLoader
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from aecompress.core.budget import budget_numbers
+import aecompress.methods as methods
+from aecompress.core.budget import ORIGINAL_BYTES_PER_NUMBER, budget_numbers
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
 from aecompress.core.selection import Mode, select_groups
 from aecompress.data.calibration import Calibration
 from aecompress.data.specs import parse_spec
+from aecompress.evaluation import allocation
 from aecompress.formats.lazy import checkpoint_keys, open_lazy, read_rows
 from aecompress.formats.sources import ModelClass, load_model
 
 log = logging.getLogger(__name__)
+
+BITS_PER_ORIGINAL = 8 * ORIGINAL_BYTES_PER_NUMBER
+"""Bits of a float32 weight: a budget of ``b`` bits per weight is ratio ``32 / b``."""
 
 
 _PRELOADED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("aecompress_preloaded", default=None)
@@ -49,6 +54,20 @@ def preloaded(name: str, model, source: str, auto_class: str) -> Iterator[None]:
         yield
     finally:
         _PRELOADED.reset(token)
+
+
+def target_ratio(ratio: float | None, bits_per_weight: float | None) -> float:
+    """The per-group target ratio a config asks for, by ratio or by bits per weight (default ratio 10)."""
+    if ratio is not None and bits_per_weight is not None:
+        raise AECompressError(f"give data.ratio ({ratio}) or data.bits_per_weight ({bits_per_weight}), not both")
+    if bits_per_weight is not None:
+        if not 0 < bits_per_weight < BITS_PER_ORIGINAL:
+            raise AECompressError(f"data.bits_per_weight must be in (0, {BITS_PER_ORIGINAL}), got {bits_per_weight}")
+        return BITS_PER_ORIGINAL / bits_per_weight
+    ratio = 10.0 if ratio is None else ratio
+    if not ratio > 1:
+        raise AECompressError(f"data.ratio must be greater than 1, got {ratio}")
+    return float(ratio)
 
 
 class RowsDataset(Dataset):
@@ -89,7 +108,14 @@ class WeightRowsDataModule(L.LightningDataModule):
             decoder serves them; ``separated`` compresses each matrix on its own.
         include: keep only parameters whose names match one of these patterns.
         exclude: drop parameters whose names match any of these patterns.
-        ratio: target compression ratio (original numbers / stored numbers) per group.
+        ratio: target compression ratio of every group (original float32 bytes / stored bytes);
+            default 10 unless ``bits_per_weight`` is given.
+        bits_per_weight: the target as stored bits per selected weight instead (``ratio = 32 / bits``),
+            counted by the same accountant; give one of the two.
+        allocation: ``uniform`` gives every group the target; ``measured`` shares the same total
+            bytes by each group's sensitivity per byte on the calibration text (measured with the
+            whitened factorization an autoencoder starts from). The plan is printed before anything
+            trains and recorded in the checkpoint and the export.
         batch_size: rows per training batch, per group; 0 trains on all rows at once.
         val_batch_size: rows per validation batch.
         num_workers: DataLoader workers.
@@ -118,7 +144,9 @@ class WeightRowsDataModule(L.LightningDataModule):
         mode: Mode = "concatenated",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        ratio: float = 10.0,
+        ratio: float | None = None,
+        bits_per_weight: float | None = None,
+        allocation: Literal["uniform", "measured"] = "uniform",
         batch_size: int = 16,
         val_batch_size: int = 4096,
         num_workers: int = 0,
@@ -133,8 +161,7 @@ class WeightRowsDataModule(L.LightningDataModule):
         lazy: bool = True,
     ):
         super().__init__()
-        if not ratio > 1:
-            raise AECompressError(f"data.ratio must be greater than 1, got {ratio}")
+        ratio = target_ratio(ratio, bits_per_weight)
         if batch_size < 0 or val_batch_size < 1:
             raise AECompressError(
                 f"data.batch_size must be >= 0 (0: all rows) and val_batch_size >= 1, got {batch_size} and {val_batch_size}"
@@ -174,11 +201,32 @@ class WeightRowsDataModule(L.LightningDataModule):
         self.train_on = train_on
         self._check_finite()
         self.weights = self._row_weights(row_weights)
+        ratios = self._allocate(allocation, ratio)
         self.group_specs = [
-            {**g.to_dict(), "budget": budget_numbers(g.rows, g.width, ratio), "ratio": ratio} for g in self.groups
+            {**g.to_dict(), "budget": budget_numbers(g.rows, g.width, ratios[g.name]), "ratio": ratios[g.name],
+             "target_ratio": ratio}
+            for g in self.groups
         ]
         for g in self.groups:
             log.info("group %s: %d rows x %d (%d matrices)", g.name, g.rows, g.width, len(g.members))
+
+    def _allocate(self, kind: str, ratio: float) -> dict[str, float]:
+        """Each group's ratio: the target, or a measured plan's (see :mod:`aecompress.evaluation.allocation`)."""
+        if kind == "uniform" or len(self.groups) < 2:
+            return {g.name: ratio for g in self.groups}
+        if kind != "measured":
+            raise AECompressError(f"data.allocation {kind!r} is not valid; valid: uniform, measured")
+        calibration = self.calibration()
+        stats = calibration.stats(self.groups, "covariance")
+
+        def start(group: WeightGroup, at: float):
+            return methods.compress("whitened_svd", group, self.rows[group.name], at, stats[group.name],
+                                    dtype="float16", codes="auto")
+
+        damage = allocation.damage_on(self.hf_model, calibration.tokenizer, self.calibration_spec)
+        chosen = allocation.plan(self.hf_model, self.groups, self.rows, start, damage, BITS_PER_ORIGINAL / ratio)
+        print(chosen.table(self.groups), flush=True)
+        return chosen.ratios()
 
     @property
     def hf_model(self):

@@ -150,8 +150,10 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         self.cache_teacher = cache_teacher
         self._teacher: dict[bytes, object] = {}
         self.groups = [WeightGroup.from_dict(g) for g in groups]
-        self.target_ratio = float(groups[0].get("ratio", 0.0))
-        self.budgets = {g["name"]: budget_bytes(int(g["rows"]), int(g["width"]), self.target_ratio) for g in groups}
+        self.target_ratio = float(groups[0].get("target_ratio", groups[0].get("ratio", 0.0)))
+        # Each group's own ratio: the target, or what an allocation plan gave it.
+        self.ratios = {g["name"]: float(g.get("ratio", self.target_ratio)) for g in groups}
+        self.budgets = {g["name"]: budget_bytes(int(g["rows"]), int(g["width"]), self.ratios[g["name"]]) for g in groups}
         options = dict(
             encoder=encoder,
             decoder=decoder,
@@ -258,8 +260,10 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
 
     def signature(self) -> dict:
         """What a checkpoint must agree on to be resumed or exported by this config."""
+        planned = {name: r for name, r in self.ratios.items() if r != self.target_ratio}
         return {
             "target_ratio": self.target_ratio,
+            **({"ratios": self.ratios} if planned else {}),
             "loss": self.loss_kind,
             "init": self.init_kind,
             "groups": {g.name: g.to_dict() for g in self.groups},
@@ -290,6 +294,6 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
             # module in training must stay on its own device and precision.
             ae = copy.deepcopy(self.autoencoder(g.name)).cpu().float()
             tensors = ae.stored_tensors(rows[g.name])
-            meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.target_ratio}
+            meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.ratios[g.name]}
             forms[g.name] = StoredForm("ae", g, tensors, meta)
         return forms

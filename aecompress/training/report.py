@@ -25,7 +25,7 @@ from aecompress.core.files import sha256
 from aecompress.data.specs import parse_spec
 from aecompress.data.tokens import token_ids
 from aecompress.evaluation.catalog import HIGHER_IS_BETTER
-from aecompress.evaluation.metrics import evaluate_model
+from aecompress.evaluation.metrics import evaluate_model, targets_for
 from aecompress.evaluation.models import load_tokenizer
 from aecompress.evaluation.sentences import fidelity_reference
 from aecompress.formats.sources import model_kind, public_name
@@ -36,7 +36,9 @@ from aecompress.training.rundir import run_directory
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
-METRIC = {"encoder": "embedding_fidelity", "causal_lm": "perplexity", "masked_lm": "mlm_perplexity"}
+METRICS = {"encoder": ["embedding_fidelity"], "causal_lm": ["kl_to_original", "top1_agreement", "perplexity"],
+           "masked_lm": ["mlm_perplexity"]}
+"""What the report measures per model kind; the first ranks (for causal LMs, fidelity to the original)."""
 
 
 class FitReport(Callback):
@@ -80,56 +82,59 @@ class FitReport(Callback):
         datamodule = trainer.datamodule
         model = datamodule.hf_model
         kind = model_kind(model)
-        metric = METRIC[kind]
+        metrics = METRICS[kind]
         tokenizer = load_tokenizer(datamodule.source)
-        reference = fidelity_reference(model, tokenizer, self.data, self.max_tokens) if kind == "encoder" else None
         ids = None if kind == "encoder" else token_ids(self.data, tokenizer)
+        ids = ids[: self.max_tokens] if ids is not None and self.max_tokens else ids
+        reference = (fidelity_reference(model, tokenizer, self.data, self.max_tokens) if kind == "encoder"
+                     else targets_for(model, ids, self.window) if kind == "causal_lm" else None)
         candidates = {"aecompress (this fit)": list(pl_module.stored_forms(datamodule.rows).values())}
         notes = []
         for name in self.baselines:
             try:
-                candidates[name] = self._baseline(datamodule, name, pl_module.target_ratio)
+                candidates[name] = self._baseline(datamodule, name, pl_module.ratios)
             except AECompressError as err:
                 notes.append(f"{name}: {err}")
-        rows = [{"name": "original", "bits_per_weight": None, metric: self._score(model, tokenizer, metric, reference, ids)}]
+        rows = [{"name": "original", "bits_per_weight": None, **self._score(model, tokenizer, metrics, reference, ids)}]
         for name, forms in tqdm(candidates.items(), desc="report", unit="model", leave=False):
             original = sum(f.group.rows * f.group.width for f in forms)
             stored = sum(f.bytes for f in forms)
             with substituted(model, decode_all(forms), originals=datamodule.rows):
-                score = self._score(model, tokenizer, metric, reference, ids)
+                scores = self._score(model, tokenizer, metrics, reference, ids)
             rows.append({"name": name, "bits_per_weight": bits_per_weight(stored, original), "stored_bytes": stored,
-                         "ratio": 4 * original / stored, metric: score})
+                         "ratio": 4 * original / stored, **scores})
         counted = f"first {self.max_tokens} tokens" if self.max_tokens else "all of it"
-        return {"split": self.data, "metric": metric, "tokens_or_items": counted,
-                "direction": "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better",
+        return {"split": self.data, "metric": metrics[0], "metrics": metrics, "tokens_or_items": counted,
+                "direction": "; ".join(f"{m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics),
                 "model": public_name(datamodule.model_name), "target_ratio": pl_module.target_ratio,
                 "checkpoint": Path(best).name if best else None,
                 "checkpoint_sha256": sha256(Path(best)) if best else None,
                 "needs_reference": kind == "encoder", "rows": rows, "notes": notes}
 
-    def _baseline(self, datamodule, name: str, ratio: float) -> list:
+    def _baseline(self, datamodule, name: str, ratios: dict[str, float]) -> list:
         method = methods.get(name)
         stats = {}
         for kind in method.needs:
             if datamodule.calibration_spec is None:
                 raise AECompressError("needs calibration text (data.calibration)")
             stats = datamodule.calibration().stats(datamodule.groups, kind)
-        return [methods.compress(name, g, datamodule.rows[g.name], ratio, stats.get(g.name)) for g in datamodule.groups]
+        return [methods.compress(name, g, datamodule.rows[g.name], ratios[g.name], stats.get(g.name))
+                for g in datamodule.groups]
 
-    def _score(self, model, tokenizer, metric: str, reference, ids) -> float:
-        results = evaluate_model(model, tokenizer, self.data, [metric], reference=reference, max_tokens=self.max_tokens,
+    def _score(self, model, tokenizer, metrics: list[str], reference, ids) -> dict[str, float]:
+        results = evaluate_model(model, tokenizer, self.data, metrics, reference=reference, max_tokens=self.max_tokens,
                                  window=self.window, ids=ids)
-        return float(results[metric])
+        return {m: float(results[m]) for m in metrics}
 
 
 def table(report: dict) -> str:
     """The report as a short text table."""
-    metric = report["metric"]
-    lines = [f"quality on {report['split']} ({report['tokens_or_items']}; {metric}, {report['direction']}):",
-             f"  {'model':<24} {'bits/weight':>11} {metric:>20}"]
+    metrics = report.get("metrics", [report["metric"]])
+    lines = [f"quality on {report['split']} ({report['tokens_or_items']}; {report['direction']}):",
+             f"  {'model':<24} {'bits/weight':>11} " + " ".join(f"{m:>18}" for m in metrics)]
     for row in report["rows"]:
         bpw = "-" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
-        lines.append(f"  {row['name']:<24} {bpw:>11} {row[metric]:>20.6g}")
+        lines.append(f"  {row['name']:<24} {bpw:>11} " + " ".join(f"{row[m]:>18.6g}" for m in metrics))
     lines += [f"  (not measured: {note})" for note in report.get("notes", [])]
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ class SpecSizing:
         """
         options = {**self._options, "latent_storage": latent_storage}
         wider = (self.refine_codes if refine is None else refine) and latent_storage.startswith("int")
-        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.target_ratio,
+        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.ratios[group.name],
                           max_scale=2 * min(group.rows, group.width) if wider else None, **options)
 
     def _fitting_widths(self, group: WeightGroup, refine: bool | None = None) -> dict[int, AESpec]:
@@ -69,7 +69,7 @@ class SpecSizing:
             log.info(
                 "group %s: latent %d, decoder %s, stored %d bytes in %s (budget %d), ratio %.3f (target %.3f)",
                 g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype + codes, self.budgets[g.name],
-                original_bytes(g.rows, g.width) / stored, self.target_ratio,
+                original_bytes(g.rows, g.width) / stored, self.ratios[g.name],
             )
 
     def _adopt(self, group: WeightGroup, spec: AESpec) -> None:
