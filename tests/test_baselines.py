@@ -18,6 +18,7 @@ from aecompress.core.groups import Member, WeightGroup, extract_rows
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import collect
 from aecompress.formats.export import export
+from aecompress.methods import METHODS as METHOD_TABLE
 from aecompress.methods import compress, compressors, decode, options
 from aecompress.methods.base import GroupStats
 from aecompress.methods.factorize import Factorization
@@ -52,7 +53,12 @@ def _whitened_error(w: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) ->
 
 
 def _stats_for(method: str, group: WeightGroup, stats: GroupStats) -> GroupStats | None:
-    return stats if method in ("fwsvd", "whitened_svd") else None
+    return stats if METHOD_TABLE[method].needs else None
+
+
+def _needs_linear_input(method: str) -> bool:
+    """Whether a method reads input covariances, which an embedding has none of."""
+    return "covariance" in METHOD_TABLE[method].needs
 
 
 @pytest.mark.parametrize("family", list(MODULES))
@@ -61,7 +67,7 @@ def _stats_for(method: str, group: WeightGroup, stats: GroupStats) -> GroupStats
 def test_every_method_respects_the_budget(tiny_stats, family, ratio, method):
     model, groups, stats = tiny_stats[family]
     for group in groups:
-        if method == "whitened_svd" and stats[group.name].mean_covariance() is None:
+        if _needs_linear_input(method) and stats[group.name].mean_covariance() is None:
             with pytest.raises(AECompressError, match="needs the input of a linear layer"):
                 compress(method, group, extract_rows(model, group), ratio, stats[group.name])
             continue
@@ -339,7 +345,7 @@ def test_auto_codes_keep_the_width_with_the_least_error(tiny_stats):
 def test_decoded_and_compact_exports_round_trip_bit_exactly(tiny_stats, tiny_dirs, tmp_path, family, method):
     model, groups, stats = tiny_stats[family]
     # Concatenated groups only: a separated group would overwrite part of one of them.
-    chosen = [g for g in groups if g.name in MODULES[family] and ("embed" not in g.name or method != "whitened_svd")]
+    chosen = [g for g in groups if g.name in MODULES[family] and ("embed" not in g.name or not _needs_linear_input(method))]
     opts = {"sharing": "layer"} if method == "whitened_svd" else {}
     forms = {g.name: compress(method, g, extract_rows(model, g), 4.0, _stats_for(method, g, stats[g.name]), **opts)
              for g in chosen}

@@ -29,6 +29,7 @@ from aecompress.core.groups import Member, WeightGroup, assign_rows, extract_row
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import collect
 from aecompress.formats.export import export
+from aecompress.methods import METHODS as METHOD_TABLE
 from aecompress.methods import compress, compressors, decode
 from aecompress.methods.base import GroupStats
 from aecompress.methods.factorize import Factorization
@@ -116,7 +117,7 @@ def test_baselines_never_exceed_the_budget(method, members, rows_each, width, ra
     opts = {"dtype": dtype}
     if method in ("svd", "fwsvd", "whitened_svd"):
         opts.update(sharing=sharing, codes=codes)
-    stats = _stats(members, rows_each, width, seed) if method in ("fwsvd", "whitened_svd") else None
+    stats = _stats(members, rows_each, width, seed) if METHOD_TABLE[method].needs else None
     try:
         form = compress(method, group, w, ratio, stats, **opts)
     except AECompressError as err:
@@ -206,14 +207,14 @@ def test_compact_equals_decoded(tiny_dirs, selection, method, ratio):
     family, modules, mode = selection
     model = _model(family)
     groups = _groups(model, modules, mode)
-    if method == "whitened_svd":
+    if method != "ae" and "covariance" in METHOD_TABLE[method].needs:  # an embedding has no linear input
         assume(not any(g.module_type in EMBEDDINGS for g in groups))
     try:
         if method == "ae":
             module = CompressorModule(groups=[{**g.to_dict(), "ratio": ratio} for g in groups], encoder="free")
             forms = module.stored_forms({g.name: extract_rows(model, g) for g in groups})
         else:
-            stats = _calibration(family, tuple(modules), mode) if method in ("fwsvd", "whitened_svd") else {}
+            stats = _calibration(family, tuple(modules), mode) if METHOD_TABLE[method].needs else {}
             forms = {g.name: compress(method, g, extract_rows(model, g), ratio, stats.get(g.name)) for g in groups}
     except AECompressError as err:
         _infeasible_below(err, ratio)

@@ -17,7 +17,18 @@ from aecompress.core.budget import budget_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods import autoencoder, external, fwsvd, kronecker, prune, quantize, svd, tucker, whitened_svd
+from aecompress.methods import (
+    autoencoder,
+    compensated,
+    external,
+    fwsvd,
+    kronecker,
+    prune,
+    quantize,
+    svd,
+    tucker,
+    whitened_svd,
+)
 from aecompress.methods.base import Built, GroupStats, Method
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,7 @@ METHODS: dict[str, Method] = {
         whitened_svd.METHOD,
         prune.METHOD,
         quantize.METHOD,
+        compensated.METHOD,
         kronecker.METHOD,
         tucker.METHOD,
         autoencoder.METHOD,

@@ -21,6 +21,17 @@ from aecompress.methods.base import Built, GroupStats, Method, float_dtype, item
 MAX_BITS = 8
 
 
+def code_cost(rows: int, width: int, bits: int, group_size: int, store: torch.dtype) -> int:
+    """Bytes of ``bits``-bit codes packed end to end, plus a scale and a zero per ``group_size`` columns of each row."""
+    return packed_bytes(rows * width, bits) + 2 * rows * (width // group_size) * item_size(store)
+
+
+def packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``0 .. 2^bits - 1`` as the one packed bit stream (each code's bits, lowest first)."""
+    stream = (codes.flatten().to(torch.int32).unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
+    return pack_bits(stream.flatten())
+
+
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
@@ -47,7 +58,7 @@ def compress(
     g = group_size or n
 
     def cost(k: int) -> int:
-        return packed_bytes(m * n, k) + 2 * m * (n // g) * item_size(store)
+        return code_cost(m, n, k, g, store)
 
     if bits is None:
         bits = largest_fitting(cost, budget, MAX_BITS)
@@ -65,10 +76,9 @@ def compress(
     # Codes are chosen against the stored (rounded) scale and zero, so decode is their best fit.
     z, s = zero.float().unsqueeze(2), scale.float().unsqueeze(2)
     codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(0, levels).to(torch.int32)
-    stream = (codes.flatten().unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
     if group_size is None:  # one scale per row: the layout stored before groups existed
         scale, zero = scale.squeeze(1), zero.squeeze(1)
-    tensors = {"codes": pack_bits(stream.flatten()), "scale": scale.contiguous(), "zero": zero.contiguous()}
+    tensors = {"codes": packed(codes, bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
     extra = {} if group_size is None else {"group_size": group_size}
     return StoredForm("quantize", group, tensors, meta(ratio, budget, bits=bits, dtype=dtype, **extra))
 

@@ -1,0 +1,49 @@
+"""Error-compensating codes: the same stored form as grouped round-to-nearest, chosen to move the outputs less.
+
+Budget, export round trips and the run-time form are covered for every method of the table
+(tests/test_baselines.py, tests/test_properties.py); these are its own properties.
+"""
+
+import pytest
+import torch
+
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import Member, WeightGroup
+from aecompress.methods import compress, decode
+from aecompress.methods.base import GroupStats
+
+
+def _case(seed: int = 0, width: int = 128):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, width, generator=gen) @ torch.randn(width, width, generator=gen) * 0.3
+    h = (x.T @ x / x.shape[0]).double()
+    group = WeightGroup("g", "g", (Member("a", 0, False), Member("b", 1, False)), 64, width)
+    stats = GroupStats(tokens=2048, covariances=[h, h], member_rows=[32, 32])
+    return group, torch.randn(64, width, generator=gen), stats, torch.linalg.cholesky(h).float()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_at_equal_bytes_the_outputs_move_less_than_with_round_to_nearest(bits):
+    group, w, stats, root = _case()
+    ratio = 32 / (bits + 0.5)
+    nearest = compress("quantize", group, w, ratio, dtype="float16", bits=bits, group_size=64)
+    compensated = compress("compensated", group, w, ratio, stats, bits=bits, group_size=64)
+    assert compensated.bytes == nearest.bytes
+    assert {k: t.shape for k, t in compensated.tensors.items()} == {k: t.shape for k, t in nearest.tensors.items()}
+    moved = {name: float(((decode(form) - w) @ root).norm()) for name, form in
+             (("nearest", nearest), ("compensated", compensated))}
+    assert moved["compensated"] < 0.9 * moved["nearest"]
+
+
+def test_with_an_identity_second_moment_it_rounds_to_nearest():
+    group, w, _, _ = _case(width=64)
+    eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
+    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0)
+    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64)
+    assert torch.equal(decode(a), decode(b))
+
+
+def test_it_needs_the_input_second_moments():
+    group, w, _, _ = _case()
+    with pytest.raises(AECompressError, match="needs input covariances for group 'g'"):
+        compress("compensated", group, w, 8.0)
