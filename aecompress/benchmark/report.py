@@ -50,8 +50,13 @@ def markdown(rows: list[Row], split: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], split: str, path: Path) -> Path | None:
-    """Quality against target ratio, one panel per group and metric, one line per method."""
+def plot(rows: list[Row], split: str, path: Path, against: str = "ratio") -> Path | None:
+    """Quality against size, one panel per group and metric, one line per method.
+
+    Args:
+        against: ``ratio`` (the target ratio, log scale) or ``bits`` (the achieved bits per weight,
+            so methods at their own size, other packages' checkpoints, sit where they are).
+    """
     try:
         import matplotlib
 
@@ -75,7 +80,7 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
     for ax, (group, metric) in zip(axes.flatten(), panels):
         for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
             points = sorted(
-                (value(r.target_ratio), value(r.value))
+                (value(r.target_ratio if against == "ratio" else r.bits_per_weight), value(r.value))
                 for r in measured
                 if r.group == group and r.method == method and r.metric == metric
             )
@@ -87,11 +92,14 @@ def plot(rows: list[Row], split: str, path: Path) -> Path | None:
                 break
         if lower_is_better(metric):
             ax.set_yscale("log")
-        ax.set_xscale("log")
-        ratios = sorted({value(r.target_ratio) for r in measured if r.group == group and r.method != "original"})
-        ax.set_xticks(ratios, [f"{x:g}" for x in ratios])  # the measured ratios, not powers of ten
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("compression ratio (float32 bytes / stored bytes)")
+        if against == "ratio":
+            ax.set_xscale("log")
+            ratios = sorted({value(r.target_ratio) for r in measured if r.group == group and r.method != "original"})
+            ax.set_xticks(ratios, [f"{x:g}" for x in ratios])  # the measured ratios, not powers of ten
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_xlabel("compression ratio (float32 bytes / stored bytes)")
+        else:
+            ax.set_xlabel("bits per weight (compressed groups, as stored)")
         ax.set_ylabel(metric)
         ax.set_title(group)
         ax.legend(fontsize=7)
@@ -146,40 +154,3 @@ def whole_model_markdown(rows: list[Row], split: str) -> str:
         lines += [f"- {r.group} / {r.method} / {target_label(r.target_ratio, r.target_bits)}: {r.note}" for r in failures]
         lines.append("")
     return "\n".join(lines)
-
-
-def plot_bits(rows: list[Row], split: str, path: Path) -> Path | None:
-    """Each metric against achieved bits per weight, one line per method; the original as a dashed line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    measured = [r for r in rows if r.split == split and r.metric != "failed" and r.method != "original"]
-    metrics = list(dict.fromkeys(r.metric for r in measured))
-    if not measured:
-        return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
-    names = list(dict.fromkeys(r.method for r in measured))
-    palette = plt.get_cmap("tab20")
-    for ax, metric in zip(axes[0], metrics):
-        for i, method in enumerate(names):
-            points = sorted((value(r.bits_per_weight), value(r.value)) for r in measured
-                            if r.method == method and r.metric == metric)
-            if points:
-                ax.plot(*zip(*points), label=method, **_style(method, palette(i % 20)))
-        for r in rows:
-            if r.method == "original" and r.metric == metric and r.split == split:
-                ax.axhline(value(r.value), color="black", linestyle="--", linewidth=1, label="original")
-                break
-        if metric.startswith("kl") or metric in ("perplexity", "mlm_perplexity"):
-            ax.set_yscale("log")
-        ax.set_xlabel("bits per weight (compressed groups, stored)")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 import aecompress.methods as catalogue
 from aecompress.benchmark.choices import GroupChoice, MethodChoice
 from aecompress.benchmark.recipe import train_recipe
-from aecompress.benchmark.report import markdown, plot, plot_bits, whole_model_markdown
+from aecompress.benchmark.report import markdown, plot, whole_model_markdown
 from aecompress.benchmark.results import ResultsCSV, Row
 from aecompress.core.budget import bits_per_weight, whole_model
 from aecompress.core.errors import AECompressError
@@ -221,7 +221,7 @@ def benchmark(
         (out / "plans.json").write_text(json.dumps(earlier + bench.plans, indent=1) + "\n")
     if bits:
         (out / "results.md").write_text(whole_model_markdown(results.rows, data))
-        png = plot_bits(results.rows, data, out / "quality_vs_bits.png")
+        png = plot(results.rows, data, out / "quality_vs_bits.png", against="bits")
     else:
         (out / "results.md").write_text(markdown(results.rows, data))
         png = plot(results.rows, data, out / "quality_vs_ratio.png")
