@@ -47,3 +47,40 @@ def test_it_needs_the_input_second_moments():
     group, w, _, _ = _case()
     with pytest.raises(AECompressError, match="needs input covariances for group 'g'"):
         compress("compensated", group, w, 8.0)
+
+
+def test_fill_spends_what_a_whole_code_width_leaves_and_moves_the_outputs_less():
+    group, w, stats, root = _case()
+    ratio = 32 / 3.0  # 2-bit codes cost 2.5 bits per weight here; 3-bit codes (3.5) do not fit
+    plain = compress("compensated", group, w, ratio, stats, group_size=64)
+    filled = compress("compensated", group, w, ratio, stats, group_size=64, fill=True)
+    assert plain.meta["bits"] == filled.meta["bits"] == 2
+    assert plain.bytes < filled.bytes <= filled.meta["budget_bytes"]
+    assert 0 < filled.meta["wide_rows"] < 64 and "wide" in filled.tensors
+    moved = {name: float(((decode(form) - w) @ root).norm()) for name, form in (("plain", plain), ("filled", filled))}
+    assert moved["filled"] < 0.9 * moved["plain"]
+
+
+def test_a_filled_form_runs_as_it_decodes_member_by_member():
+    from aecompress.methods import METHODS
+
+    group, w, stats, _ = _case()
+    form = compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True)
+    _, sources = METHODS["compensated"].runtime(form, [32, 32])
+    assert torch.equal(torch.cat([s.decode() for s in sources]), decode(form))
+
+
+def test_the_widened_rows_are_those_whose_error_falls_most():
+    group, w, stats, _ = _case()
+    loud = w.clone()
+    loud[5] *= 40  # a row with far larger weights gains far more from one more bit
+    form = compress("compensated", group, loud, 32 / 2.6, stats, group_size=64, fill=True)
+    from aecompress.core.bits import unpack_bits
+
+    assert unpack_bits(form.tensors["wide"], 64)[5] == 1
+
+
+def test_fill_must_be_a_boolean():
+    group, w, stats, _ = _case()
+    with pytest.raises(AECompressError, match="fill must be true or false, got 'yes'"):
+        compress("compensated", group, w, 8.0, stats, group_size=64, fill="yes")

@@ -7,6 +7,10 @@ layer's outputs on calibration inputs move as little as possible. The stored for
 ``quantize``'s with ``group_size`` (codes, a scale and a zero per group of columns, counted the
 same way), and decodes and runs with its code; only the choice of codes differs. A group's scale
 and zero are set from its columns as they stand when the group is reached.
+
+With ``fill``, the bytes a whole code width leaves unspent widen some rows by one bit
+(:mod:`aecompress.methods.mixed_rows`): the rows whose rounding error, weighted by their inputs'
+second moment, falls most from the extra bit.
 """
 
 from __future__ import annotations
@@ -18,21 +22,49 @@ from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods import quantize
-from aecompress.methods.base import GroupStats, Method, float_dtype, meta, needs_stats
+from aecompress.methods import mixed_rows, quantize
+from aecompress.methods.base import Built, GroupStats, Method, float_dtype, meta, needs_stats
 
 MAX_BITS = 8
 
 
-def _grid(w: torch.Tensor, levels: int, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's stored scale and zero (per row) from its current columns ``(rows, g)``."""
+def _grid(w: torch.Tensor, levels: torch.Tensor, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's stored scale and zero (per row, ``levels`` per row) from its current columns ``(rows, g)``."""
     low, high = w.amin(dim=1), w.amax(dim=1)
     return ((high - low) / levels).to(store), low.to(store)
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     s, z = scale.float(), zero.float()
-    return torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(0, levels)
+    return torch.minimum(torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(min=0), levels)
+
+
+def _levels(bits: int, wide: torch.Tensor) -> torch.Tensor:
+    """Each row's largest code: ``2^bits - 1``, or ``2^(bits+1) - 1`` for a wide row."""
+    return torch.where(wide, 2 ** (bits + 1) - 1, 2**bits - 1).float()
+
+
+def _row_errors(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, store: torch.dtype) -> torch.Tensor:
+    """Each row's round-to-nearest error, weighted per column by its inputs' mean square (the diagonal of H)."""
+    rows, cols = w.shape
+    grouped = w.float().reshape(rows * (cols // g), g)
+    repeat = levels.repeat_interleave(cols // g)
+    scale, zero = _grid(grouped, repeat, store)
+    q = zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * _round(
+        grouped, scale.unsqueeze(1), zero.unsqueeze(1), repeat.unsqueeze(1))
+    return ((grouped - q) ** 2).view(rows, cols).mul(torch.diagonal(h).float().clamp(min=0)).sum(dim=1)
+
+
+def _widest(rows: torch.Tensor, stats: GroupStats, bits: int, count: int, g: int, store: torch.dtype) -> torch.Tensor:
+    """The ``count`` rows whose weighted rounding error falls most with one more bit (a bool per row)."""
+    gains = []
+    for w, h in zip(rows.split(list(stats.member_rows)), stats.covariances):
+        narrow = torch.zeros(w.shape[0], dtype=torch.bool)
+        before, after = (_row_errors(w, h, _levels(bits, flags), g, store) for flags in (narrow, ~narrow))
+        gains.append(before - after)
+    wide = torch.zeros(rows.shape[0], dtype=torch.bool)
+    wide[torch.cat(gains).topk(count).indices] = True
+    return wide
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -45,9 +77,9 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _member(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, store: torch.dtype, damp: float):
-    """One matrix's codes, scales and zeros, columns rounded in order with the error carried forward."""
-    levels = 2**bits - 1
+def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, store: torch.dtype, damp: float):
+    """One matrix's codes, scales and zeros (``levels``: each row's largest code), columns rounded in order
+    with the error carried forward."""
     w = w.double().clone()
     factor = _inverse_factor(h, damp)
     rows, cols = w.shape
@@ -75,6 +107,7 @@ def compress(
     group_size: int | None = None,
     dtype: FloatDtype = "float16",
     damp: float = 0.01,
+    fill: bool = False,
 ) -> StoredForm:
     """Codes of ``bits`` bits (default: the most that fit) per ``group_size`` columns, error-compensated.
 
@@ -84,6 +117,7 @@ def compress(
             ``None``: one per row.
         dtype: the stored dtype of each scale and zero point.
         damp: ridge added to the input second moment, relative to its mean diagonal.
+        fill: widen by one bit the rows that gain most, as many as the bytes left by ``bits`` allow.
     """
     store = float_dtype(dtype, group, "compensated")
     stats = needs_stats(stats, "covariance", group, "compensated")
@@ -93,6 +127,8 @@ def compress(
         raise AECompressError(f"compensated group_size {group_size!r} must divide group {group.name!r}'s width {n}")
     if any(c is None for c in stats.covariances):
         raise AECompressError(f"method 'compensated' needs the input of a linear layer for every matrix of {group.name!r}")
+    if not isinstance(fill, bool):
+        raise AECompressError(f"compensated fill must be true or false, got {fill!r}")
     budget = budget_bytes(m, n, ratio)
 
     def cost(k: int) -> int:
@@ -101,13 +137,28 @@ def compress(
     chosen = largest_fitting(cost, budget, MAX_BITS) if bits is None else bits
     if chosen is None or cost(chosen) > budget:
         raise infeasible_bytes(group.name, m, n, ratio, cost(chosen or 1), f"compensated ({chosen or 1} bits, {dtype})")
-    parts = [_member(w, h, chosen, group_size, store, damp)
-             for w, h in zip(rows.split(list(stats.member_rows)), stats.covariances)]
-    tensors = {"codes": quantize.packed(torch.cat([p[0] for p in parts]), chosen),
-               "scale": torch.cat([p[1] for p in parts]).contiguous(),
-               "zero": torch.cat([p[2] for p in parts]).contiguous()}
-    return StoredForm("compensated", group, tensors,
-                      meta(ratio, budget, bits=chosen, dtype=dtype, group_size=group_size, damp=damp))
+    count = (mixed_rows.most_wide(m, n, chosen, group_size, store, budget)
+             if fill and chosen < MAX_BITS else 0)
+    wide = _widest(rows, stats, chosen, count, group_size, store) if count else torch.zeros(m, dtype=torch.bool)
+    parts = [_member(w, h, _levels(chosen, flags), group_size, store, damp) for w, h, flags in
+             zip(rows.split(list(stats.member_rows)), stats.covariances, wide.split(list(stats.member_rows)))]
+    codes, scale, zero = (torch.cat([p[i] for p in parts]) for i in range(3))
+    if count:
+        tensors = mixed_rows.tensors(codes, wide, chosen, scale, zero)
+    else:
+        tensors = {"codes": quantize.packed(codes, chosen), "scale": scale.contiguous(), "zero": zero.contiguous()}
+    return StoredForm("compensated", group, tensors, meta(ratio, budget, bits=chosen, dtype=dtype,
+                                                          group_size=group_size, damp=damp, wide_rows=count))
 
 
-METHOD = Method("compensated", decode=quantize.decode, runtime=quantize.runtime, compress=compress, needs=("covariance",))
+def runtime(form: StoredForm, member_rows: list[int]) -> Built:
+    """Mixed-width forms keep both code streams; single-width forms are exactly ``quantize``'s."""
+    return (mixed_rows.runtime if "wide" in form.tensors else quantize.runtime)(form, member_rows)
+
+
+def decode(form: StoredForm) -> torch.Tensor:
+    """Every row of the group, decoded as the form was stored (one width or two)."""
+    return (mixed_rows.decode if "wide" in form.tensors else quantize.decode)(form)
+
+
+METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",))

@@ -1,0 +1,94 @@
+"""Grouped codes of two widths: most rows at ``k`` bits, the rows that gain most at ``k + 1``.
+
+A budget in bits per weight rarely lands on a whole code width: at 4 bits per weight with a
+float16 scale and zero per 64 columns, 4-bit codes cost 4.5 and do not fit, and 3-bit codes
+leave half a bit per weight unspent. Widening some rows by one bit spends that remainder. The
+stored form keeps the narrow rows' codes, the wide rows' codes, a one-bit mask saying which rows
+are wide, and the usual scale and zero per group of columns; the mask is counted like
+everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
+from aecompress.core.budget import packed_bytes
+from aecompress.core.rowsource import RowSource
+from aecompress.core.stored import StoredForm
+from aecompress.methods.base import Built, item_size, offsets
+from aecompress.methods.quantize import packed
+
+
+def cost(rows: int, width: int, bits: int, wide: int, group_size: int, store: torch.dtype) -> int:
+    """Bytes of ``rows - wide`` rows of ``bits``-bit codes, ``wide`` rows of ``bits + 1``, the mask, scales and zeros."""
+    codes = packed_bytes((rows - wide) * width, bits) + packed_bytes(wide * width, bits + 1)
+    return codes + packed_bytes(rows, 1) + 2 * rows * (width // group_size) * item_size(store)
+
+
+def most_wide(rows: int, width: int, bits: int, group_size: int, store: torch.dtype, budget: int) -> int:
+    """The most rows that can be one bit wider within ``budget`` bytes (0 if even the mask does not fit)."""
+    lo, hi = 0, rows
+    if cost(rows, width, bits, 0, group_size, store) > budget:
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(rows, width, bits, mid, group_size, store) <= budget else (lo, mid - 1)
+    return lo
+
+
+def tensors(codes: torch.Tensor, wide: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> dict:
+    """The stored tensors of ``codes`` (rows x width), ``wide`` (bool per row) rows one bit wider."""
+    return {"codes": packed(codes[~wide], bits), "codes_wide": packed(codes[wide], bits + 1),
+            "wide": pack_bits(wide.to(torch.uint8)), "scale": scale.contiguous(), "zero": zero.contiguous()}
+
+
+def _codes(stream: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    weights = torch.arange(bits, dtype=torch.int32, device=stream.device)
+    return (unpack_bits(stream, count * bits).view(count, bits).to(torch.int32) << weights).sum(dim=1, dtype=torch.int32)
+
+
+class MixedRows(RowSource):
+    """One member's rows: narrow and wide packed codes, the wide-row mask, and trainable scales and zeros."""
+
+    def __init__(self, rows: int, width: int, bits: int, narrow: torch.Tensor, wide_codes: torch.Tensor,
+                 wide: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        super().__init__(rows, width)
+        self.bits = bits
+        self.register_buffer("narrow", narrow)
+        self.register_buffer("wide_codes", wide_codes)
+        self.register_buffer("wide", wide)
+        self.scale = torch.nn.Parameter(scale)
+        self.zero = torch.nn.Parameter(zero)
+
+    def decode(self) -> torch.Tensor:
+        m, n, bits = self.rows_count, self.width, self.bits
+        wide = self.wide.bool()
+        count = int(wide.sum())
+        codes = torch.empty(m, n, dtype=torch.int32, device=self.narrow.device)
+        codes[~wide] = _codes(self.narrow, (m - count) * n, bits).view(m - count, n)
+        codes[wide] = _codes(self.wide_codes, count * n, bits + 1).view(count, n)
+        grouped = codes.float().view(m, self.scale.shape[1], -1)
+        return (self.zero.float().unsqueeze(2) + self.scale.float().unsqueeze(2) * grouped).reshape(m, n)
+
+
+def runtime(form: StoredForm, member_rows: list[int]) -> Built:
+    """Each member keeps its own rows' share of both code streams, its mask, scales and zeros."""
+    t, n, bits = form.tensors, form.group.width, int(form.meta["bits"])
+    mask = unpack_bits(t["wide"], form.group.rows)
+    sources = []
+    for r0, m in zip(offsets(member_rows), member_rows):
+        before, mine = int(mask[:r0].sum()), mask[r0 : r0 + m]
+        count = int(mine.sum())
+        narrow = bit_slice(t["codes"], (r0 - before) * n * bits, (m - count) * n * bits)
+        wide_codes = bit_slice(t["codes_wide"], before * n * (bits + 1), count * n * (bits + 1))
+        sources.append(MixedRows(m, n, bits, narrow, wide_codes, mine.clone(),
+                                 t["scale"][r0 : r0 + m].clone(), t["zero"][r0 : r0 + m].clone()))
+    return [], sources
+
+
+@torch.no_grad()
+def decode(form: StoredForm) -> torch.Tensor:
+    """Every row of the group, decoded through one source."""
+    (source,) = runtime(form, [form.group.rows])[1]
+    return source.decode()
