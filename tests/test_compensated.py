@@ -84,3 +84,24 @@ def test_fill_must_be_a_boolean():
     group, w, stats, _ = _case()
     with pytest.raises(AECompressError, match="fill must be true or false, got 'yes'"):
         compress("compensated", group, w, 8.0, stats, group_size=64, fill="yes")
+
+
+def test_in_activation_order_an_identity_second_moment_still_rounds_to_nearest():
+    group, w, _, _ = _case(width=64)
+    eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
+    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0, order="activation")
+    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64)
+    assert torch.equal(decode(a), decode(b))
+
+
+def test_activation_order_rounds_the_loudest_inputs_first_and_moves_the_outputs_less():
+    group, w, stats, root = _case()
+    moved = {order: float(((decode(compress("compensated", group, w, 32 / 2.5, stats, group_size=64, order=order))
+                             - w) @ root).norm()) for order in ("natural", "activation")}
+    assert moved["activation"] < moved["natural"]
+
+
+def test_an_unknown_order_is_refused_with_the_valid_ones():
+    group, w, stats, _ = _case()
+    with pytest.raises(AECompressError, match="order 'random' is not one of: natural, activation"):
+        compress("compensated", group, w, 8.0, stats, group_size=64, order="random")

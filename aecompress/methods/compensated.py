@@ -77,24 +77,34 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, store: torch.dtype, damp: float):
+def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, store: torch.dtype, damp: float,
+            order: str = "natural"):
     """One matrix's codes, scales and zeros (``levels``: each row's largest code), columns rounded in order
-    with the error carried forward."""
+    with the error carried forward.
+
+    ``natural``: columns left to right, each group's grid set from its columns as they stand when
+    reached. ``activation``: the columns with the largest input second moment first (their errors
+    are the costliest, so they are rounded while the most columns remain to absorb them), every
+    group's grid set beforehand from the original columns, since a group is no longer reached at once.
+    """
     w = w.double().clone()
-    factor = _inverse_factor(h, damp)
     rows, cols = w.shape
+    perm = torch.argsort(torch.diagonal(h), descending=True) if order == "activation" else torch.arange(cols)
+    factor = _inverse_factor(h[perm][:, perm], damp)
+    w = w[:, perm]
     codes = torch.zeros(rows, cols, dtype=torch.int32)
-    scales, zeros = [], []
-    for start in range(0, cols, g):
-        scale, zero = _grid(w[:, start : start + g].float(), levels, store)
-        scales.append(scale)
-        zeros.append(zero)
-        for j in range(start, start + g):
-            q = _round(w[:, j].float(), scale, zero, levels)
-            codes[:, j] = q.to(torch.int32)
-            error = (w[:, j] - (zero.double() + scale.double() * q.double())) / factor[j, j]
-            w[:, j + 1 :] -= error.unsqueeze(1) * factor[j, j + 1 :].unsqueeze(0)
-    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+    grids = [_grid(w[:, perm.argsort()][:, s : s + g].float(), levels, store) for s in range(0, cols, g)] \
+        if order == "activation" else [None] * (cols // g)
+    for jj in range(cols):
+        j = int(perm[jj])
+        if order == "natural" and j % g == 0:
+            grids[j // g] = _grid(w[:, jj : jj + g].float(), levels, store)
+        scale, zero = grids[j // g]
+        q = _round(w[:, jj].float(), scale, zero, levels)
+        codes[:, j] = q.to(torch.int32)
+        error = (w[:, jj] - (zero.double() + scale.double() * q.double())) / factor[jj, jj]
+        w[:, jj + 1 :] -= error.unsqueeze(1) * factor[jj, jj + 1 :].unsqueeze(0)
+    return codes, torch.stack([s for s, _ in grids], 1), torch.stack([z for _, z in grids], 1)
 
 
 def compress(
@@ -108,6 +118,7 @@ def compress(
     dtype: FloatDtype = "float16",
     damp: float = 0.01,
     fill: bool = False,
+    order: str = "natural",
 ) -> StoredForm:
     """Codes of ``bits`` bits (default: the most that fit) per ``group_size`` columns, error-compensated.
 
@@ -118,6 +129,8 @@ def compress(
         dtype: the stored dtype of each scale and zero point.
         damp: ridge added to the input second moment, relative to its mean diagonal.
         fill: widen by one bit the rows that gain most, as many as the bytes left by ``bits`` allow.
+        order: ``natural`` (left to right) or ``activation`` (largest input second moment first, as
+            GPTQ's act-order with static groups).
     """
     store = float_dtype(dtype, group, "compensated")
     stats = needs_stats(stats, "covariance", group, "compensated")
@@ -127,6 +140,8 @@ def compress(
         raise AECompressError(f"compensated group_size {group_size!r} must divide group {group.name!r}'s width {n}")
     if any(c is None for c in stats.covariances):
         raise AECompressError(f"method 'compensated' needs the input of a linear layer for every matrix of {group.name!r}")
+    if order not in ("natural", "activation"):
+        raise AECompressError(f"compensated order {order!r} is not one of: natural, activation")
     if not isinstance(fill, bool):
         raise AECompressError(f"compensated fill must be true or false, got {fill!r}")
     budget = budget_bytes(m, n, ratio)
@@ -140,7 +155,7 @@ def compress(
     count = (mixed_rows.most_wide(m, n, chosen, group_size, store, budget)
              if fill and chosen < MAX_BITS else 0)
     wide = _widest(rows, stats, chosen, count, group_size, store) if count else torch.zeros(m, dtype=torch.bool)
-    parts = [_member(w, h, _levels(chosen, flags), group_size, store, damp) for w, h, flags in
+    parts = [_member(w, h, _levels(chosen, flags), group_size, store, damp, order) for w, h, flags in
              zip(rows.split(list(stats.member_rows)), stats.covariances, wide.split(list(stats.member_rows)))]
     codes, scale, zero = (torch.cat([p[i] for p in parts]) for i in range(3))
     if count:
@@ -148,7 +163,8 @@ def compress(
     else:
         tensors = {"codes": quantize.packed(codes, chosen), "scale": scale.contiguous(), "zero": zero.contiguous()}
     return StoredForm("compensated", group, tensors, meta(ratio, budget, bits=chosen, dtype=dtype,
-                                                          group_size=group_size, damp=damp, wide_rows=count))
+                                                          group_size=group_size, damp=damp, wide_rows=count,
+                                                          order=order))
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:
