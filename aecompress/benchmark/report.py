@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from aecompress.benchmark.results import Row, by_group, target_label, value
@@ -42,12 +43,15 @@ def markdown(rows: list[Row], split: str) -> str:
         lines.append("")
     if len(metrics):
         lines += ["The best value of each group at each ratio is in bold.", ""]
+    return "\n".join(lines + _failed_runs(rows, lambda r: f"ratio {value(r.target_ratio):g}"))
+
+
+def _failed_runs(rows: list[Row], label: Callable[[Row], str]) -> list[str]:
+    """The report's closing section on jobs that failed, each named by ``label`` (its ratio, or its budget)."""
     failures = [r for r in rows if r.metric == "failed"]
-    if failures:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {r.group} / {r.method} / ratio {value(r.target_ratio):g}: {r.note}" for r in failures]
-        lines.append("")
-    return "\n".join(lines)
+    if not failures:
+        return []
+    return ["## Failed runs", "", *(f"- {r.group} / {r.method} / {label(r)}: {r.note}" for r in failures), ""]
 
 
 def plot(rows: list[Row], split: str, path: Path, against: str = "ratio") -> Path | None:
@@ -148,9 +152,4 @@ def whole_model_markdown(rows: list[Row], split: str) -> str:
                          f"{value(row.whole_bits_per_weight):.3f} | " + " | ".join(cells)
                          + f" | {value(row.seconds):.1f} | {value(row.peak_rss_mb):.0f} |")
         lines.append("")
-    failures = [r for r in rows if r.metric == "failed"]
-    if failures:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {r.group} / {r.method} / {target_label(r.target_ratio, r.target_bits)}: {r.note}" for r in failures]
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _failed_runs(rows, lambda r: target_label(r.target_ratio, r.target_bits)))
