@@ -12,6 +12,7 @@ Every peer script leaves, under its ``--out`` directory:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -41,6 +42,25 @@ def windows(tokenizer, path: str, count: int, length: int, encoder: bool) -> lis
         chunk = ids[i * body : (i + 1) * body]
         out.append([tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id] if encoder else chunk)
     return out
+
+
+def gptq_arguments(description: str, length: int) -> argparse.Namespace:
+    """The GPTQ scripts' command line (both packages take the same settings); ``length``: tokens per window."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, help="a local float32 checkpoint directory")
+    parser.add_argument("--bits", type=int, required=True, choices=[2, 3, 4, 8])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--calibration", required=True, help="a UTF-8 text file")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--windows", type=int, default=128)
+    parser.add_argument("--length", type=int, default=length)
+    return parser.parse_args()
+
+
+def calibration_rows(tokenizer, args: argparse.Namespace, encoder: bool) -> list[dict]:
+    """The calibration windows as the rows both GPTQ packages take (every token attended)."""
+    return [{"input_ids": w, "attention_mask": [1] * len(w)}
+            for w in windows(tokenizer, args.calibration, args.windows, args.length, encoder=encoder)]
 
 
 def stored_tensors(native: Path, modules: list[str]) -> dict[str, list[dict]]:

@@ -8,13 +8,12 @@ group size. The quantized-dequantized weights it leaves in the model are the den
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import block_linears, offline, stored_tensors, windows, write_dense, write_manifest  # noqa: E402
+from common import block_linears, calibration_rows, gptq_arguments, offline, stored_tensors, write_dense, write_manifest  # noqa: E402
 
 offline()
 
@@ -24,15 +23,7 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a local float32 checkpoint directory")
-    parser.add_argument("--bits", type=int, required=True, choices=[2, 3, 4, 8])
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--calibration", required=True, help="a UTF-8 text file")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--windows", type=int, default=128)
-    parser.add_argument("--length", type=int, default=256)
-    args = parser.parse_args()
+    args = gptq_arguments(__doc__.splitlines()[0], length=256)
     import llmcompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
@@ -42,8 +33,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
-    rows = [{"input_ids": w, "attention_mask": [1] * len(w)}
-            for w in windows(tokenizer, args.calibration, args.windows, args.length, encoder=True)]
+    rows = calibration_rows(tokenizer, args, encoder=True)
     modules = block_linears(model)
     first = modules[0].split(".")
     block = type(model.get_submodule(".".join(first[: max(i for i, p in enumerate(first) if p.isdigit()) + 1])))

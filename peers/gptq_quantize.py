@@ -9,14 +9,13 @@ exactly in float32 into ``dense/`` (gptqmodel's own dequantizer runs only in hal
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import block_linears, offline, stored_tensors, windows, write_dense, write_manifest  # noqa: E402
+from common import block_linears, calibration_rows, gptq_arguments, offline, stored_tensors, write_dense, write_manifest  # noqa: E402
 
 offline()
 # gptqmodel sizes a worker pool from the core count; on 2 cores its default asks for more than it has.
@@ -61,23 +60,14 @@ def decode(native: Path, module: str, bits: int, shape: tuple[int, int]) -> torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a local float32 checkpoint directory")
-    parser.add_argument("--bits", type=int, required=True, choices=[2, 3, 4, 8])
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--calibration", required=True, help="a UTF-8 text file")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--windows", type=int, default=128)
-    parser.add_argument("--length", type=int, default=512)
-    args = parser.parse_args()
+    args = gptq_arguments(__doc__.splitlines()[0], length=512)
     import gptqmodel
     from gptqmodel import GPTQConfig, GPTQModel
 
     started, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration = [{"input_ids": w, "attention_mask": [1] * len(w)}
-                   for w in windows(tokenizer, args.calibration, args.windows, args.length, encoder=False)]
+    calibration = calibration_rows(tokenizer, args, encoder=False)
     config = GPTQConfig(bits=args.bits, group_size=args.group_size, device="cpu")
     model = GPTQModel.load(args.model, config, dtype=torch.float32)
     model.quantize(calibration, batch_size=1)
