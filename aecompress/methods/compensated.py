@@ -28,17 +28,6 @@ from aecompress.methods.base import Built, GroupStats, Method, float_dtype, meta
 MAX_BITS = 8
 
 
-def _grid(w: torch.Tensor, levels: torch.Tensor, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A group's stored scale and zero (per row, ``levels`` per row) from its current columns ``(rows, g)``."""
-    low, high = w.amin(dim=1), w.amax(dim=1)
-    return ((high - low) / levels).to(store), low.to(store)
-
-
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    s, z = scale.float(), zero.float()
-    return torch.minimum(torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(min=0), levels)
-
-
 def _levels(bits: int, wide: torch.Tensor) -> torch.Tensor:
     """Each row's largest code: ``2^bits - 1``, or ``2^(bits+1) - 1`` for a wide row."""
     return torch.where(wide, 2 ** (bits + 1) - 1, 2**bits - 1).float()
@@ -49,8 +38,8 @@ def _row_errors(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, 
     rows, cols = w.shape
     grouped = w.float().reshape(rows * (cols // g), g)
     repeat = levels.repeat_interleave(cols // g)
-    scale, zero = _grid(grouped, repeat, store)
-    q = zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * _round(
+    scale, zero = quantize.grid(grouped, repeat, store)
+    q = zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * quantize.rounded(
         grouped, scale.unsqueeze(1), zero.unsqueeze(1), repeat.unsqueeze(1))
     return ((grouped - q) ** 2).view(rows, cols).mul(torch.diagonal(h).float().clamp(min=0)).sum(dim=1)
 
@@ -93,14 +82,14 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
     factor = _inverse_factor(h[perm][:, perm], damp)
     w = w[:, perm]
     codes = torch.zeros(rows, cols, dtype=torch.int32)
-    grids = [_grid(w[:, perm.argsort()][:, s : s + g].float(), levels, store) for s in range(0, cols, g)] \
+    grids = [quantize.grid(w[:, perm.argsort()][:, s : s + g].float(), levels, store) for s in range(0, cols, g)] \
         if order == "activation" else [None] * (cols // g)
     for jj in range(cols):
         j = int(perm[jj])
         if order == "natural" and j % g == 0:
-            grids[j // g] = _grid(w[:, jj : jj + g].float(), levels, store)
+            grids[j // g] = quantize.grid(w[:, jj : jj + g].float(), levels, store)
         scale, zero = grids[j // g]
-        q = _round(w[:, jj].float(), scale, zero, levels)
+        q = quantize.rounded(w[:, jj].float(), scale, zero, levels)
         codes[:, j] = q.to(torch.int32)
         error = (w[:, jj] - (zero.double() + scale.double() * q.double())) / factor[jj, jj]
         w[:, jj + 1 :] -= error.unsqueeze(1) * factor[jj, jj + 1 :].unsqueeze(0)

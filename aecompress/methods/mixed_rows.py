@@ -17,7 +17,7 @@ from aecompress.core.budget import packed_bytes
 from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
 from aecompress.methods.base import Built, item_size, offsets
-from aecompress.methods.quantize import packed
+from aecompress.methods.quantize import dequantized, packed, unpacked
 
 
 def cost(rows: int, width: int, bits: int, wide: int, group_size: int, store: torch.dtype) -> int:
@@ -43,11 +43,6 @@ def tensors(codes: torch.Tensor, wide: torch.Tensor, bits: int, scale: torch.Ten
             "wide": pack_bits(wide.to(torch.uint8)), "scale": scale.contiguous(), "zero": zero.contiguous()}
 
 
-def _codes(stream: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    weights = torch.arange(bits, dtype=torch.int32, device=stream.device)
-    return (unpack_bits(stream, count * bits).view(count, bits).to(torch.int32) << weights).sum(dim=1, dtype=torch.int32)
-
-
 class MixedRows(RowSource):
     """One member's rows: narrow and wide packed codes, the wide-row mask, and trainable scales and zeros."""
 
@@ -66,10 +61,9 @@ class MixedRows(RowSource):
         wide = self.wide.bool()
         count = int(wide.sum())
         codes = torch.empty(m, n, dtype=torch.int32, device=self.narrow.device)
-        codes[~wide] = _codes(self.narrow, (m - count) * n, bits).view(m - count, n)
-        codes[wide] = _codes(self.wide_codes, count * n, bits + 1).view(count, n)
-        grouped = codes.float().view(m, self.scale.shape[1], -1)
-        return (self.zero.float().unsqueeze(2) + self.scale.float().unsqueeze(2) * grouped).reshape(m, n)
+        codes[~wide] = unpacked(self.narrow, (m - count) * n, bits).view(m - count, n)
+        codes[wide] = unpacked(self.wide_codes, count * n, bits + 1).view(count, n)
+        return dequantized(codes, self.scale, self.zero)
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:

@@ -32,6 +32,34 @@ def packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_bits(stream.flatten())
 
 
+def unpacked(stream: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`packed`: the first ``count`` codes of a stream, as int32."""
+    weights = torch.arange(bits, dtype=torch.int32, device=stream.device)
+    return (unpack_bits(stream, count * bits).view(count, bits).to(torch.int32) << weights).sum(dim=1, dtype=torch.int32)
+
+
+def grid(w: torch.Tensor, levels, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale and zero of each run of ``w``'s last dimension: its range over ``levels`` steps, and its minimum."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    return ((high - low) / levels).to(store), low.to(store)
+
+
+def rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels) -> torch.Tensor:
+    """The nearest codes ``0 .. levels`` of ``w`` on the stored grid (a flat range gets code 0); ``levels`` may vary by row."""
+    s, z = scale.float(), zero.float()
+    codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(min=0)
+    return torch.minimum(codes, torch.as_tensor(levels, dtype=codes.dtype, device=codes.device))
+
+
+def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``zero + scale * code`` for (rows x width) codes, with one scale and zero per row or per group of columns."""
+    m, n = codes.shape
+    if scale.dim() == 1:
+        return zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * codes.float()
+    grouped = codes.float().view(m, scale.shape[1], -1)
+    return (zero.float().unsqueeze(2) + scale.float().unsqueeze(2) * grouped).reshape(m, n)
+
+
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
@@ -70,12 +98,9 @@ def compress(
         raise infeasible_bytes(group.name, m, n, ratio, cost(bits), f"quantize ({bits} bits, {dtype} scales)")
     levels = 2**bits - 1
     w = rows.float().reshape(m, n // g, g)
-    low, high = w.amin(dim=2), w.amax(dim=2)
-    zero = low.to(store)
-    scale = ((high - low) / levels).to(store)
+    scale, zero = grid(w, levels, store)
     # Codes are chosen against the stored (rounded) scale and zero, so decode is their best fit.
-    z, s = zero.float().unsqueeze(2), scale.float().unsqueeze(2)
-    codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(0, levels).to(torch.int32)
+    codes = rounded(w, scale.unsqueeze(2), zero.unsqueeze(2), levels).to(torch.int32)
     if group_size is None:  # one scale per row: the layout stored before groups existed
         scale, zero = scale.squeeze(1), zero.squeeze(1)
     tensors = {"codes": packed(codes, bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
@@ -94,14 +119,8 @@ class QuantizedRows(RowSource):
         self.zero = nn.Parameter(zero)
 
     def decode(self) -> torch.Tensor:
-        m, n, bits = self.rows_count, self.width, self.bits
-        weights = torch.arange(bits, dtype=torch.int32, device=self.codes.device)
-        stream = unpack_bits(self.codes, m * n * bits).view(m * n, bits).to(torch.int32)
-        codes = (stream << weights).sum(dim=1).float()
-        if self.scale.dim() == 1:
-            return self.zero.float().unsqueeze(1) + self.scale.float().unsqueeze(1) * codes.view(m, n)
-        grouped = codes.view(m, self.scale.shape[1], -1)  # one scale and zero per group of columns
-        return (self.zero.float().unsqueeze(2) + self.scale.float().unsqueeze(2) * grouped).reshape(m, n)
+        m, n = self.rows_count, self.width
+        return dequantized(unpacked(self.codes, m * n, self.bits).view(m, n), self.scale, self.zero)
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:
