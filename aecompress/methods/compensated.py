@@ -76,13 +76,13 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
     are the costliest, so they are rounded while the most columns remain to absorb them), every
     group's grid set beforehand from the original columns, since a group is no longer reached at once.
     """
-    w = w.double().clone()
+    original = w.double()
     rows, cols = w.shape
     perm = torch.argsort(torch.diagonal(h), descending=True) if order == "activation" else torch.arange(cols)
     factor = _inverse_factor(h[perm][:, perm], damp)
-    w = w[:, perm]
+    w = original[:, perm]  # a copy: the updates below never touch the original columns
     codes = torch.zeros(rows, cols, dtype=torch.int32)
-    grids = [quantize.grid(w[:, perm.argsort()][:, s : s + g].float(), levels, store) for s in range(0, cols, g)] \
+    grids = [quantize.grid(original[:, s : s + g].float(), levels, store) for s in range(0, cols, g)] \
         if order == "activation" else [None] * (cols // g)
     for jj in range(cols):
         j = int(perm[jj])
