@@ -1,7 +1,7 @@
 """The ``aecompress`` command: it only dispatches.
 
 ``fit``, ``validate`` and ``export`` go to the LightningCLI of :mod:`aecompress.training.cli`;
-``evaluate``, ``benchmark``, ``verify`` and ``runtime-bench`` are plain functions whose typed
+``compress``, ``evaluate``, ``benchmark``, ``verify`` and ``runtime-bench`` are plain functions whose typed
 signature is the schema and whose docstring is the ``--help`` (run through jsonargparse).
 Normal runs are quiet (warnings and our own results only); ``-v`` brings back every log.
 """
@@ -26,6 +26,7 @@ COMMANDS = {
     "validate": "measure a checkpoint on the validation loop (LightningCLI)",
     "export": "write a fitted checkpoint as a Hugging Face model (decoded) or a compact artifact",
     "evaluate": "measure a model or an export on text, optionally against another",
+    "compress": "a whole model by a closed-form method (no training), written as an export",
     "benchmark": "every method at the same stored bytes, side by side",
     "verify": "check a compact export's checksums and shapes, and its ratio",
     "runtime-bench": "memory and speed of a compact export run decoded just in time",
@@ -87,6 +88,12 @@ def _benchmark():
     return benchmark
 
 
+def _compress():
+    from aecompress.benchmark.compress import compress
+
+    return compress
+
+
 def _evaluate():
     from aecompress.evaluation.command import evaluate_command
 
@@ -108,7 +115,8 @@ def _verify():
 # Commands that do not train a compressor: plain functions whose typed signature is the
 # schema and whose docstring is the --help text (run through jsonargparse.CLI), each
 # imported only when it runs, so that start-up stays quick.
-EXTRA_COMMANDS = {"benchmark": _benchmark, "evaluate": _evaluate, "runtime-bench": _runtime_bench, "verify": _verify}
+EXTRA_COMMANDS = {"benchmark": _benchmark, "compress": _compress, "evaluate": _evaluate,
+                  "runtime-bench": _runtime_bench, "verify": _verify}
 
 
 def _run_extra(name: str, args: list[str]) -> None:

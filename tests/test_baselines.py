@@ -376,4 +376,4 @@ def test_unknown_method_and_option_list_the_valid_ones(tiny_stats):
             compress(method, group, rows, 4.0)
     with pytest.raises(AECompressError, match="greater than 1"):
         compress("svd", group, rows, 1.0)
-    assert options("quantize") == {"bits": None, "dtype": "float32", "group_size": None}
+    assert options("quantize") == {"bits": None, "dtype": "float32", "group_size": None, "grid": "minmax", "zeros": "float"}

@@ -26,7 +26,7 @@ def _case(seed: int = 0, width: int = 128):
 def test_at_equal_bytes_the_outputs_move_less_than_with_round_to_nearest(bits):
     group, w, stats, root = _case()
     ratio = 32 / (bits + 0.5)
-    nearest = compress("quantize", group, w, ratio, dtype="float16", bits=bits, group_size=64)
+    nearest = compress("quantize", group, w, ratio, dtype="float16", bits=bits, group_size=64, grid="mse", zeros="int")
     compensated = compress("compensated", group, w, ratio, stats, bits=bits, group_size=64)
     assert compensated.bytes == nearest.bytes
     assert {k: t.shape for k, t in compensated.tensors.items()} == {k: t.shape for k, t in nearest.tensors.items()}
@@ -39,7 +39,7 @@ def test_with_an_identity_second_moment_it_rounds_to_nearest():
     group, w, _, _ = _case(width=64)
     eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
     a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0)
-    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64)
+    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64, grid="mse", zeros="int")
     assert torch.equal(decode(a), decode(b))
 
 
@@ -89,14 +89,17 @@ def test_fill_must_be_a_boolean():
 def test_in_activation_order_an_identity_second_moment_still_rounds_to_nearest():
     group, w, _, _ = _case(width=64)
     eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
-    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0, order="activation")
+    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0, order="activation", grid="minmax",
+                 zeros="float")
     b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64)
     assert torch.equal(decode(a), decode(b))
 
 
 def test_activation_order_rounds_the_loudest_inputs_first_and_moves_the_outputs_less():
+    """With min-max grids, which activation order fixes before rounding (a clipped grid is set per group as reached)."""
     group, w, stats, root = _case()
-    moved = {order: float(((decode(compress("compensated", group, w, 32 / 2.5, stats, group_size=64, order=order))
+    moved = {order: float(((decode(compress("compensated", group, w, 32 / 2.5, stats, group_size=64, order=order,
+                                            grid="minmax", zeros="float"))
                              - w) @ root).norm()) for order in ("natural", "activation")}
     assert moved["activation"] < moved["natural"]
 
@@ -105,3 +108,51 @@ def test_an_unknown_order_is_refused_with_the_valid_ones():
     group, w, stats, _ = _case()
     with pytest.raises(AECompressError, match="order 'random' is not one of: natural, activation"):
         compress("compensated", group, w, 8.0, stats, group_size=64, order="random")
+
+
+@pytest.mark.parametrize("zeros", ["float", "int"])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_clipped_grid_moves_the_outputs_less_than_min_max_at_the_same_bytes(bits, zeros):
+    group, w, stats, root = _case()
+    w[3, 7] = 12.0  # one large weight stretches its group's min-max range
+    forms = {grid: compress("compensated", group, w, 32 / (bits + 0.5), stats, bits=bits, group_size=64, grid=grid,
+                            zeros=zeros) for grid in ("minmax", "mse")}
+    assert forms["mse"].bytes == forms["minmax"].bytes
+    moved = {grid: float(((decode(form) - w) @ root).norm()) for grid, form in forms.items()}
+    assert moved["mse"] < 0.95 * moved["minmax"]
+
+
+def test_an_unknown_grid_is_refused_with_the_valid_ones():
+    group, w, stats, _ = _case()
+    with pytest.raises(AECompressError, match="compensated grid 'best' is not one of: minmax, mse"):
+        compress("compensated", group, w, 8.0, stats, group_size=64, grid="best")
+
+
+def test_integer_zeros_free_bytes_that_widen_more_rows_and_the_form_runs_as_it_decodes():
+    from aecompress.methods import METHODS
+
+    group, w, stats, root = _case()
+    forms = {z: compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True, zeros=z)
+             for z in ("float", "int")}
+    assert forms["int"].meta["wide_rows"] > forms["float"].meta["wide_rows"]
+    assert forms["int"].bytes <= forms["int"].meta["budget_bytes"]
+    assert {"zero_codes", "zero_codes_wide"} <= set(forms["int"].tensors) and "zero" not in forms["int"].tensors
+    _, sources = METHODS["compensated"].runtime(forms["int"], [32, 32])
+    assert torch.equal(torch.cat([s.decode() for s in sources]), decode(forms["int"]))
+    moved = {z: float(((decode(form) - w) @ root).norm()) for z, form in forms.items()}
+    assert moved["int"] < moved["float"]
+
+
+def test_float_zeros_and_min_max_grids_store_what_they_stored_before():
+    group, w, stats, _ = _case()
+    form = compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True, grid="minmax", zeros="float")
+    assert {"zero", "scale"} <= set(form.tensors) and "zero_codes" not in form.tensors
+    assert form.tensors["zero"].dtype == torch.float16
+
+
+def test_an_automatic_group_size_takes_the_first_that_divides_the_width():
+    group, w, stats, _ = _case(width=128)
+    form = compress("compensated", group, w, 8.0, stats, group_size="auto")
+    assert form.meta["group_size"] == 128  # 96 does not divide 128
+    with pytest.raises(AECompressError, match="group_size 'big' must divide group 'g'"):
+        compress("compensated", group, w, 8.0, stats, group_size="big")

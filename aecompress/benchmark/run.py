@@ -71,23 +71,10 @@ class Benchmark:
 
     def compressed(self, choice: MethodChoice, groups: list[WeightGroup], ratio: float) -> list[StoredForm]:
         """Stored forms of a closed-form method, with the calibration statistics it needs, allocated as it asks."""
-        stats: dict[str, GroupStats] = {}
-        for kind in catalogue.get(choice.method).needs:
-            self.model.requires_grad_(True)  # Fisher needs weight gradients; an AE run may have frozen them
-            stats = self.calibration.stats(groups, kind)
-        rows = {g.name: extract_rows(self.model, g) for g in groups}
-
-        def compress_at(group: WeightGroup, at: float) -> StoredForm:
-            return catalogue.compress(choice.method, group, rows[group.name], at, stats.get(group.name), **choice.options)
-
-        ratios = {g.name: ratio for g in groups}
-        if choice.allocation != "uniform" and catalogue.get(choice.method).budgeted:
-            chosen = allocation.plan(self.model, groups, rows, compress_at, self.damage(), BITS_PER_ORIGINAL / ratio,
-                                     choice.allocation)
-            print(chosen.table(groups), flush=True)
+        forms, chosen = closed_form(self.model, self.calibration, choice, groups, ratio, self.damage)
+        if chosen is not None:
             self.plans.append({"method": choice.label, **chosen.to_dict()})
-            ratios = chosen.ratios()
-        return [compress_at(g, ratios[g.name]) for g in groups]
+        return forms
 
     def damage(self):
         """How far the model's outputs are from the original's on calibration text (the allocator's measure)."""
@@ -106,6 +93,30 @@ class Benchmark:
         forms = train_recipe(choice.recipe, self, group.modules, mode, ratio, run_dir, choice.overrides)
         self.model.requires_grad_(True)
         return forms
+
+
+def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], ratio: float,
+                damage) -> tuple[list[StoredForm], allocation.Plan | None]:
+    """A closed-form method's stored forms at ``ratio``, with the calibration statistics it needs, allocated as
+    ``choice`` asks (``damage``: a callable giving the allocator's measure, only called for a measured plan).
+    The plan is printed before anything is compressed, and returned (None for uniform)."""
+    stats: dict[str, GroupStats] = {}
+    for kind in catalogue.get(choice.method).needs:
+        model.requires_grad_(True)  # Fisher needs weight gradients; an AE run may have frozen them
+        stats = calibration.stats(groups, kind)
+    rows = {g.name: extract_rows(model, g) for g in groups}
+
+    def compress_at(group: WeightGroup, at: float) -> StoredForm:
+        return catalogue.compress(choice.method, group, rows[group.name], at, stats.get(group.name), **choice.options)
+
+    ratios, chosen = {g.name: ratio for g in groups}, None
+    if choice.allocation != "uniform" and catalogue.get(choice.method).budgeted:
+        chosen = allocation.plan(model, groups, rows, compress_at, damage(), BITS_PER_ORIGINAL / ratio,
+                                 choice.allocation)
+        print(chosen.table(groups), flush=True)
+        ratios = chosen.ratios()
+    forms = [compress_at(g, ratios[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
+    return forms, chosen
 
 
 def _rows(bench: Benchmark, group: str, method: str, target: Target, forms, scores, seconds, peak) -> list[Row]:

@@ -5,7 +5,8 @@ float16 scale and zero per 64 columns, 4-bit codes cost 4.5 and do not fit, and 
 leave half a bit per weight unspent. Widening some rows by one bit spends that remainder. The
 stored form keeps the narrow rows' codes, the wide rows' codes, a one-bit mask saying which rows
 are wide, and the usual scale and zero per group of columns; the mask is counted like
-everything else.
+everything else. Integer zeros (``zeros: int``) are stored like the codes: the narrow rows' as
+``k``-bit codes, the wide rows' as ``k + 1``.
 """
 
 from __future__ import annotations
@@ -17,30 +18,55 @@ from aecompress.core.budget import packed_bytes
 from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
 from aecompress.methods.base import Built, item_size, offsets
-from aecompress.methods.quantize import dequantized, packed, unpacked
+from aecompress.methods.quantize import dequantized, packed, unpacked, zero_codes
 
 
-def cost(rows: int, width: int, bits: int, wide: int, group_size: int, store: torch.dtype) -> int:
+def cost(rows: int, width: int, bits: int, wide: int, group_size: int, store: torch.dtype, zeros: str = "float") -> int:
     """Bytes of ``rows - wide`` rows of ``bits``-bit codes, ``wide`` rows of ``bits + 1``, the mask, scales and zeros."""
+    runs = width // group_size
     codes = packed_bytes((rows - wide) * width, bits) + packed_bytes(wide * width, bits + 1)
-    return codes + packed_bytes(rows, 1) + 2 * rows * (width // group_size) * item_size(store)
+    if zeros == "int":
+        return (codes + packed_bytes(rows, 1) + rows * runs * item_size(store)
+                + packed_bytes((rows - wide) * runs, bits) + packed_bytes(wide * runs, bits + 1))
+    return codes + packed_bytes(rows, 1) + 2 * rows * runs * item_size(store)
 
 
-def most_wide(rows: int, width: int, bits: int, group_size: int, store: torch.dtype, budget: int) -> int:
+def most_wide(rows: int, width: int, bits: int, group_size: int, store: torch.dtype, budget: int,
+              zeros: str = "float") -> int:
     """The most rows that can be one bit wider within ``budget`` bytes (0 if even the mask does not fit)."""
     lo, hi = 0, rows
-    if cost(rows, width, bits, 0, group_size, store) > budget:
+    if cost(rows, width, bits, 0, group_size, store, zeros) > budget:
         return 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if cost(rows, width, bits, mid, group_size, store) <= budget else (lo, mid - 1)
+        lo, hi = (mid, hi) if cost(rows, width, bits, mid, group_size, store, zeros) <= budget else (lo, mid - 1)
     return lo
 
 
-def tensors(codes: torch.Tensor, wide: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> dict:
+def tensors(codes: torch.Tensor, wide: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
+            zeros: str = "float") -> dict:
     """The stored tensors of ``codes`` (rows x width), ``wide`` (bool per row) rows one bit wider."""
-    return {"codes": packed(codes[~wide], bits), "codes_wide": packed(codes[wide], bits + 1),
-            "wide": pack_bits(wide.to(torch.uint8)), "scale": scale.contiguous(), "zero": zero.contiguous()}
+    out = {"codes": packed(codes[~wide], bits), "codes_wide": packed(codes[wide], bits + 1),
+           "wide": pack_bits(wide.to(torch.uint8)), "scale": scale.contiguous()}
+    if zeros != "int":
+        return out | {"zero": zero.contiguous()}
+    levels = torch.where(wide, 2 ** (bits + 1) - 1, 2**bits - 1).unsqueeze(1)
+    found = zero_codes(scale, zero, levels)
+    return out | {"zero_codes": packed(found[~wide], bits), "zero_codes_wide": packed(found[wide], bits + 1)}
+
+
+def _zeros(t: dict, scale: torch.Tensor, mine: torch.Tensor, before: int, r0: int, bits: int) -> torch.Tensor:
+    """One member's float zeros: stored, or ``-scale * zero_code`` from the narrow and wide zero-code streams."""
+    m, runs = mine.shape[0], scale.shape[1]
+    if "zero" in t:
+        return t["zero"][r0 : r0 + m].clone()
+    count = int(mine.sum())
+    codes = torch.empty(m, runs, dtype=torch.int32)
+    codes[~mine] = unpacked(bit_slice(t["zero_codes"], (r0 - before) * runs * bits, (m - count) * runs * bits),
+                            (m - count) * runs, bits).view(m - count, runs)
+    codes[mine] = unpacked(bit_slice(t["zero_codes_wide"], before * runs * (bits + 1), count * runs * (bits + 1)),
+                           count * runs, bits + 1).view(count, runs)
+    return -scale.float() * codes.float()
 
 
 class MixedRows(RowSource):
@@ -76,8 +102,9 @@ def runtime(form: StoredForm, member_rows: list[int]) -> Built:
         count = int(mine.sum())
         narrow = bit_slice(t["codes"], (r0 - before) * n * bits, (m - count) * n * bits)
         wide_codes = bit_slice(t["codes_wide"], before * n * (bits + 1), count * n * (bits + 1))
-        sources.append(MixedRows(m, n, bits, narrow, wide_codes, mine.clone(),
-                                 t["scale"][r0 : r0 + m].clone(), t["zero"][r0 : r0 + m].clone()))
+        scale = t["scale"][r0 : r0 + m].clone()
+        sources.append(MixedRows(m, n, bits, narrow, wide_codes, mine.clone(), scale,
+                                 _zeros(t, scale, mine.bool(), before, r0, bits)))
     return [], sources
 
 
