@@ -16,7 +16,7 @@ def _args(tiny_lm, out, *extra):
 def test_it_writes_a_model_plain_transformers_loads_within_the_budget(tiny_lm, tmp_path, capsys, cache):
     code, out, err = run_cli(capsys, *_args(tiny_lm, tmp_path / "c3"))
     assert code == 0, err
-    assert "bits per weight stored over 14 weights" in out
+    assert "bits per weight stored over 14 weights" in out and "seconds: load and calibration" in out
     meta = json.loads((tmp_path / "c3" / "aecompress.json").read_text())
     assert {g["method"] for g in meta["groups"]} == {"compensated"}
     assert meta["bits_per_weight"] <= 3 and meta["stored_bytes"] * 8 <= 3 * meta["original_numbers"]
