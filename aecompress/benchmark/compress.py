@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import aecompress.methods as catalogue
 from aecompress.benchmark.choices import MethodChoice
@@ -24,13 +25,13 @@ from aecompress.core.selection import select_groups
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation as allocator
 from aecompress.formats.export import export, refuse_own_source
+from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.sources import load_model
 from aecompress.training.datamodule import BITS_PER_ORIGINAL
 
 DEFAULT_OPTIONS = {"compensated": {"group_size": "auto", "fill": True}}
 """Options a method gets when none are given: the best recipe measured (see docs/results.md)."""
-ALLOCATIONS = ("uniform", "measured")
-FORMATS = ("decoded", "compact")
+FORMATS = get_args(ExportFormat)
 
 
 def _checked(method: str, bits: float, allocation: str, fmt: str) -> None:
@@ -41,8 +42,8 @@ def _checked(method: str, bits: float, allocation: str, fmt: str) -> None:
                               "(autoencoders are trained: aecompress fit)")
     if not 0 < bits < BITS_PER_ORIGINAL:
         raise AECompressError(f"--bits {bits!r} must be above 0 and below {BITS_PER_ORIGINAL}")
-    if allocation not in ALLOCATIONS:
-        raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(ALLOCATIONS)}")
+    if allocation not in allocator.ALLOCATIONS:
+        raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(allocator.ALLOCATIONS)}")
     if fmt not in FORMATS:
         raise AECompressError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
 

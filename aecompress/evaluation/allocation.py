@@ -31,6 +31,8 @@ from aecompress.methods.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
 
+ALLOCATIONS = ("uniform", "measured")
+"""How a budget can be shared by groups: every group the same bits per weight, or by measured sensitivity."""
 SCALES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 """Sizes tried per group, as multiples of the target bits per weight."""
 BITS_PER_ORIGINAL = 32
@@ -144,8 +146,8 @@ def plan(model, groups: list[WeightGroup], rows: dict[str, object], compress_at:
         bits: the target bits per weight; the total budget is what uniform allocation stores.
         kind: ``uniform`` or ``measured``.
     """
-    if kind not in ("uniform", "measured"):
-        raise AECompressError(f"unknown allocation {kind!r}; valid: uniform, measured")
+    if kind not in ALLOCATIONS:
+        raise AECompressError(f"unknown allocation {kind!r}; valid: {', '.join(ALLOCATIONS)}")
     if kind == "uniform":
         forms = {g.name: compress_at(g, BITS_PER_ORIGINAL / bits) for g in groups}
         return Plan(bits, kind, [Choice(g.name, bits, BITS_PER_ORIGINAL / bits, forms[g.name].bytes, float("nan"))

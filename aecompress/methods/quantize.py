@@ -65,17 +65,14 @@ def snapped(low: torch.Tensor, high: torch.Tensor, levels, store: torch.dtype) -
 
     A flat run keeps its one value: its scale is that value's size over ``levels`` steps.
     """
-    steps = torch.as_tensor(levels, dtype=torch.float32)
     spread = torch.where(high > low, high - low, low.abs())
-    scale = (spread / steps).to(store)
-    s = scale.float()
-    code = torch.where(s > 0, torch.round(-low / torch.where(s > 0, s, 1)), 0)
-    code = torch.minimum(code.clamp(min=0), steps.expand_as(code))
-    return scale, -s * code
+    scale = (spread / torch.as_tensor(levels, dtype=torch.float32)).to(store)
+    return scale, -scale.float() * zero_codes(scale, low, levels).float()
 
 
 def zero_codes(scale: torch.Tensor, zero: torch.Tensor, levels) -> torch.Tensor:
-    """The integer zero codes of zeros made by :func:`snapped` (int32)."""
+    """The integer codes ``0 .. levels`` nearest ``-zero / scale`` (int32): where a run's minimum ``zero`` lies on
+    its grid, and so the stored code of a zero made by :func:`snapped`."""
     s = scale.float()
     code = torch.where(s > 0, torch.round(-zero.float() / torch.where(s > 0, s, 1)), 0)
     return torch.minimum(code.clamp(min=0), torch.as_tensor(levels, dtype=code.dtype).expand_as(code)).to(torch.int32)
