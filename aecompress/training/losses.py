@@ -1,4 +1,7 @@
-"""The training objectives: per-row reconstruction, the data-aware whitened error, and output mismatch."""
+"""The weight-space training objectives: per-row reconstruction and the data-aware whitened error.
+
+The model-level objective (output mismatch against the original) is :mod:`aecompress.training.teacher`'s.
+"""
 
 from __future__ import annotations
 
@@ -51,24 +54,3 @@ def whitened_loss(
         num = num + ((recon[sel].float() - target[sel].float()) @ lower).pow(2).sum()
         den = den + (target[sel].float() @ lower).pow(2).sum()
     return num / den.clamp_min(1e-30)
-
-
-def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student) between next-token distributions, in float32."""
-    teacher = teacher_logits.float().log_softmax(-1)
-    student = student_logits.float().log_softmax(-1)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
-
-
-def output_mismatch(student, teacher) -> torch.Tensor:
-    """How far the compressed model's outputs are from the original's.
-
-    Models with an LM head are compared by next-token KL; encoders by the
-    relative squared error of their last hidden states (what pooled sentence
-    embeddings are made of).
-    """
-    if getattr(teacher, "logits", None) is not None:
-        return next_token_kl(student.logits, teacher.logits)
-
-    target = teacher.last_hidden_state.float()
-    return (student.last_hidden_state.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)

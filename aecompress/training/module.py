@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -28,10 +27,11 @@ from aecompress.methods.autoencoder_nets import (
 from aecompress.methods.factorize import DEFAULT_DAMP
 from aecompress.training import checkpoints
 from aecompress.training.checkpoints import SIGNATURE
-from aecompress.training.losses import output_mismatch, row_loss, whitened_loss
+from aecompress.training.losses import row_loss, whitened_loss
 from aecompress.training.reconstruction import ReconstructionError
 from aecompress.training.sizing import SpecSizing, group_key
 from aecompress.training.start import StartSelection
+from aecompress.training.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         residual_hidden: hidden width of the ``residual`` decoder's non-linear branch.
         damp: covariance damping, as a fraction of its mean diagonal.
         cache_teacher: with the ``output`` loss, keep the original model's outputs for each
-            calibration window (in float16, on the CPU) instead of recomputing them every epoch.
+            calibration window (on the CPU) instead of recomputing them every epoch.
+        teacher_top_k: with the ``output`` loss on an LM, the next-token targets kept per position: the
+            top ``k`` log-probabilities and the tail's mass (see :mod:`aecompress.training.teacher`), so
+            the memory held does not grow with the vocabulary; null keeps whole float16 logits.
         storage_dtype: the dtype latents, decoder and norms are stored in. Half precision
             buys twice the numbers for the same bytes (so a larger latent size); training runs
             in float32 and the stored values are rounded once, at export.
@@ -116,6 +119,7 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         latent_layout: Literal["balanced", "plain"] = "balanced",
         refine_codes: bool | Literal["auto"] = True,
         cache_teacher: bool = True,
+        teacher_top_k: int | None = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -147,8 +151,10 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         self.refine_codes = bool(refine_codes) and init != "random" and decoder in ("linear", "residual")
         self.refine_choice = self.refine_codes and refine_codes == "auto"
         self.latent_config = latent_storage
-        self.cache_teacher = cache_teacher
-        self._teacher: dict[bytes, object] = {}
+        try:
+            self.teacher = Teacher(teacher_top_k, cache_teacher)
+        except ValueError as err:
+            raise AECompressError(f"model.teacher_top_k: {err}") from None
         self.groups = [WeightGroup.from_dict(g) for g in groups]
         self.target_ratio = float(groups[0].get("target_ratio", groups[0].get("ratio", 0.0)))
         # Each group's own ratio: the target, or what an allocation plan gave it.
@@ -196,26 +202,12 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         model = datamodule.hf_model
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
         decoded = {g: self.decoded_rows(g.name, datamodule.rows[g.name].to(self.device)) for g in self.groups}
-        teacher = self._teacher_outputs(model, ids)
+        targets = self.teacher.targets(model, ids)
         student = torch.func.functional_call(model, substituted_params(model, decoded), (), {"input_ids": ids})
-        loss = output_mismatch(student, teacher)
+        loss = self.teacher.mismatch(student, targets)
         self._check_finite(loss, "+".join(g.name for g in self.groups))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
-
-    @torch.no_grad()
-    def _teacher_outputs(self, model, ids: torch.Tensor):
-        """The original model's outputs for a window batch, computed once per distinct batch."""
-        key = ids.cpu().numpy().tobytes()
-        cached = self._teacher.get(key)
-        if cached is None:
-            out = model(input_ids=ids)
-            field = "logits" if getattr(out, "logits", None) is not None else "last_hidden_state"
-            cached = (field, getattr(out, field))
-            if self.cache_teacher:
-                self._teacher[key] = (field, cached[1].to("cpu", torch.float16))
-        field, value = cached
-        return SimpleNamespace(**{field: value.to(self.device, torch.float32)})
 
     def _check_finite(self, loss: torch.Tensor, name: str) -> None:
         if not torch.isfinite(loss):
