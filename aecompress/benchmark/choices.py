@@ -42,6 +42,9 @@ class MethodChoice:
             per weight) or ``measured`` (by sensitivity per byte on calibration text, the same total;
             see ``aecompress.evaluation.allocation``). For a trained method, set ``data.allocation``
             in its recipe instead.
+        tune: for ``quantize`` and ``compensated``: fine-tune every group's scales together against the
+            original model's outputs on the calibration windows after compressing, e.g. ``{steps: 100,
+            lr: 0.001}`` (see ``aecompress.training.tuning``); empty: no tuning.
     """
 
     method: str
@@ -51,6 +54,7 @@ class MethodChoice:
     recipe: str | None = None
     overrides: dict = field(default_factory=dict)
     allocation: str = "uniform"
+    tune: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ so the export is exactly the model a benchmark row of the same method, options a
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -17,10 +18,11 @@ from typing import get_args
 
 import aecompress.methods as catalogue
 from aecompress.benchmark.choices import MethodChoice
-from aecompress.benchmark.run import closed_form
+from aecompress.benchmark.run import check_tune, closed_form, tuned
 from aecompress.core.budget import bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
+from aecompress.core.memory import peak_rss, reset_peak
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation as allocator
@@ -31,6 +33,8 @@ from aecompress.training.datamodule import BITS_PER_ORIGINAL
 
 DEFAULT_OPTIONS = {"compensated": {"group_size": "auto", "fill": True}}
 """Options a method gets when none are given: the best recipe measured (see docs/results.md)."""
+DEFAULT_TUNE_STEPS = {"compensated": 100}
+"""Tuning steps a method gets when ``--tune_steps`` is not given (see docs/results.md); others: none."""
 FORMATS = get_args(ExportFormat)
 
 
@@ -57,8 +61,12 @@ def compress(
     modules: list[str] | None = None,
     allocation: str = "uniform",
     calibration: str = "calibration",
-    calibration_tokens: int = 8192,
+    calibration_tokens: int = 32768,
     calibration_window: int = 512,
+    tune_steps: int | None = None,
+    tune_lr: float = 1e-3,
+    top_k: int | None = 64,
+    precision: str = "32-true",
     format: str = "decoded",
     overwrite: bool = False,
     trust_remote_code: bool = False,
@@ -77,15 +85,23 @@ def compress(
         calibration: text for the calibration statistics (never a test split).
         calibration_tokens: at most this many calibration tokens.
         calibration_window: tokens per calibration window.
+        tune_steps: steps of the whole-model fine-tune of the codes' scales against the original's outputs on
+            the calibration windows (``quantize``, ``compensated``); 0: none; default: 100 for ``compensated``, else 0.
+        tune_lr: the tuning's learning rate.
+        top_k: next-token targets of the original kept per position while tuning (bounded memory); null: all.
+        precision: the tuning's Lightning precision: ``32-true``, or ``bf16-mixed`` on a GPU.
         format: ``decoded`` (plain transformers loads it) or ``compact`` (only what is stored).
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """
     _checked(method, bits, allocation, format)
+    steps = DEFAULT_TUNE_STEPS.get(method, 0) if tune_steps is None else tune_steps
+    settings = {"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision} if steps else {}
+    choice = MethodChoice(method=method, options=DEFAULT_OPTIONS.get(method, {}) if options is None else options,
+                          allocation=allocation, tune=settings)
+    check_tune(choice)
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
-    choice = MethodChoice(method=method, options=DEFAULT_OPTIONS.get(method, {}) if options is None else options,
-                          allocation=allocation)
     net, source, auto_class = load_model(model, trust_remote_code=trust_remote_code)
     refuse_own_source(source, out_dir)
     from transformers import AutoTokenizer
@@ -96,8 +112,12 @@ def compress(
     for kind in catalogue.get(method).needs:  # made (or read from the cache) here, so its time is told apart
         windows.stats(groups, kind)
     loaded = time.perf_counter()
-    forms, _ = closed_form(net, windows, choice, groups, BITS_PER_ORIGINAL / bits,
+    forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, BITS_PER_ORIGINAL / bits,
                            lambda: allocator.damage_on(net, tokenizer, calibration))
+    made, before_tune = time.perf_counter(), peak_rss()
+    reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
+    forms = tuned(net, windows, choice, forms)
+    tune_peak, peak = peak_rss(), max(before_tune, peak_rss())
     stored = sum(f.bytes for f in forms)
     print(f"{method}: {bits_per_weight(stored, sum(g.rows * g.width for g in groups)):.3f} bits per weight stored "
           f"over {sum(len(g.members) for g in groups)} weights ({stored:,} bytes)", flush=True)
@@ -105,6 +125,7 @@ def compress(
     command = "aecompress compress " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     written = export(net, {f.group.name: f for f in forms}, source, auto_class, model, out_dir, format, overwrite,
                      card_info={"commands": [command]})
-    print(f"seconds: load and calibration {loaded - started:.1f}, compress {compressed - loaded:.1f}, "
-          f"export {time.perf_counter() - compressed:.1f}; wrote {out_dir}", flush=True)
+    print(f"seconds: load and calibration {loaded - started:.1f}, compress {made - loaded:.1f}, "
+          f"tune {compressed - made:.1f}, export {time.perf_counter() - compressed:.1f}; peak resident memory "
+          f"{max(peak, peak_rss()) / 2**20:,.0f} MB (tune {tune_peak / 2**20:,.0f} MB); wrote {out_dir}", flush=True)
     return written

@@ -40,6 +40,7 @@ from aecompress.formats.sources import load_model, model_kind
 from aecompress.methods.base import GroupStats
 from aecompress.methods.substitute import decode_all, substituted
 from aecompress.training.datamodule import BITS_PER_ORIGINAL
+from aecompress.training.tuning import TUNABLE, checked_options, tune
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ class Benchmark:
 def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], ratio: float,
                 damage) -> tuple[list[StoredForm], allocation.Plan | None]:
     """A closed-form method's stored forms at ``ratio``, with the calibration statistics it needs, allocated as
-    ``choice`` asks (``damage``: a callable giving the allocator's measure, only called for a measured plan).
-    The plan is printed before anything is compressed, and returned (None for uniform)."""
+    ``choice`` asks, then fine-tuned if it asks (``damage``: a callable giving the allocator's measure, only
+    called for a measured plan). The plan is printed before anything is compressed, and returned (None for uniform)."""
+    check_tune(choice)
     stats: dict[str, GroupStats] = {}
     for kind in catalogue.get(choice.method).needs:
         model.requires_grad_(True)  # Fisher needs weight gradients; an AE run may have frozen them
@@ -116,7 +118,21 @@ def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: l
         print(chosen.table(groups), flush=True)
         ratios = chosen.ratios()
     forms = [compress_at(g, ratios[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
-    return forms, chosen
+    return tuned(model, calibration, choice, forms), chosen
+
+
+def check_tune(choice: MethodChoice) -> None:
+    """One clear error for tuning a method that has no scales, or an unknown or invalid tune option."""
+    if choice.tune and choice.method not in TUNABLE:
+        raise AECompressError(f"method {choice.method!r} has no scales to tune; tune works on: {', '.join(TUNABLE)}")
+    checked_options(choice.tune)
+
+
+def tuned(model, calibration: Calibration, choice: MethodChoice, forms: list[StoredForm]) -> list[StoredForm]:
+    """The forms with their scales fine-tuned together on the calibration windows, if ``choice`` asks."""
+    if not choice.tune:
+        return forms
+    return tune(model, forms, calibration.windows(), **checked_options(choice.tune))
 
 
 def _rows(bench: Benchmark, group: str, method: str, target: Target, forms, scores, seconds, peak) -> list[Row]:
@@ -208,7 +224,8 @@ def benchmark(
     if not groups or not methods:
         raise AECompressError("benchmark needs at least one group and one method")
     for choice in methods:
-        catalogue.get(choice.method)  # an unknown name is refused before anything loads
+        catalogue.get(choice.method)  # an unknown name or tune option is refused before anything loads
+        check_tune(choice)
     if parse_spec(calibration).is_test:
         raise AECompressError(f"calibration data {calibration!r} is a test split; calibrate on other text")
     out = Path(out_dir)

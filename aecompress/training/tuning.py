@@ -1,0 +1,179 @@
+"""A whole-model fine-tune of grouped codes' scales against the original model's outputs.
+
+Closed-form codes (``quantize``, ``compensated``) are chosen one matrix at a time, each against its
+own inputs. What the model finally computes depends on all of them at once. Here every group's
+scales are fine-tuned together so that the compressed model's outputs on calibration windows match
+the original's (next-token KL against bounded top-k targets for LMs, see
+:mod:`aecompress.training.teacher`), the codes and zero codes kept as they are. The decoded
+weight of a run of columns is linear in its scale (``scale * (code - zero_code)``, or
+``zero + scale * code`` with a float zero scaled alike), so a learned factor per run folds
+exactly into the stored scale: the form's tensors and bytes stay the same, only their values change.
+Every other group stays in the student as decoded, so each run's factor sees the whole model's errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup, substituted_params
+from aecompress.core.stored import StoredForm
+from aecompress.methods import decode
+from aecompress.training.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+TUNABLE = ("quantize", "compensated")
+"""Methods whose stored form is a scale per run of columns times fixed codes."""
+
+
+def tunable(form: StoredForm) -> bool:
+    """Whether a form's decoded rows are its stored scales times fixed codes (so its scales can be tuned)."""
+    return form.method in TUNABLE and "scale" in form.tensors
+
+
+def _runs(form: StoredForm) -> int:
+    scale = form.tensors["scale"]
+    return int(scale.shape[1]) if scale.dim() == 2 else 1
+
+
+class ScaleTuning(L.LightningModule):
+    """One learned log-factor per stored scale of every tunable form; the rest of the model frozen.
+
+    Args:
+        model: the original model (the teacher; never written to).
+        forms: the stored forms of every compressed group.
+        lr: Adam's learning rate on the log-factors.
+        top_k: next-token targets kept per position (see :class:`~aecompress.training.teacher.Teacher`).
+    """
+
+    def __init__(self, model: nn.Module, forms: list[StoredForm], lr: float = 1e-3, top_k: int | None = 64):
+        super().__init__()
+        self.model = model
+        self.forms, self.lr = list(forms), lr
+        self.teacher = Teacher(top_k)
+        self.logs = nn.ParameterList()
+        for i, form in enumerate(self.forms):
+            rows = decode(form).float()
+            if tunable(form):
+                runs = _runs(form)
+                rows = rows.view(form.group.rows, runs, form.group.width // runs)
+                self.logs.append(nn.Parameter(torch.zeros(form.group.rows, runs)))
+            self.register_buffer(f"base{i}", rows, persistent=False)
+
+    def decoded(self) -> dict[WeightGroup, torch.Tensor]:
+        """Every group's rows with the current factors applied, differentiably."""
+        out, learned = {}, iter(self.logs)
+        for i, form in enumerate(self.forms):
+            base = getattr(self, f"base{i}")
+            if tunable(form):
+                base = (base * next(learned).exp().unsqueeze(-1)).reshape(form.group.rows, form.group.width)
+            out[form.group] = base
+        return out
+
+    def on_train_epoch_start(self) -> None:
+        """The frozen model runs as at inference (no dropout), for the teacher and the student alike."""
+        self.model.eval()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """KL (or hidden-state error) of the compressed model against the original on one window batch."""
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        targets = self.teacher.targets(self.model, ids)
+        student = torch.func.functional_call(self.model, substituted_params(self.model, self.decoded()), (),
+                                             {"input_ids": ids})
+        loss = self.teacher.mismatch(student, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite tuning loss at step {self.global_step}; lower the learning rate")
+        self.log("tune/loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        """Adam on the log-factors only."""
+        return torch.optim.Adam(self.logs.parameters(), lr=self.lr)
+
+    @torch.no_grad()
+    def stored(self) -> list[StoredForm]:
+        """The forms with each learned factor folded into its stored scale (and float zero): same tensors, same bytes."""
+        out, learned = [], iter(self.logs)
+        for form in self.forms:
+            if not tunable(form):
+                out.append(form)
+                continue
+            factor = next(learned).detach().float().cpu().exp()
+            tensors = dict(form.tensors)
+            for key in ("scale", "zero"):
+                if key in tensors:
+                    value = tensors[key]
+                    tensors[key] = (value.float() * factor.view(value.shape)).to(value.dtype).contiguous()
+            out.append(dataclasses.replace(form, tensors=tensors, meta={**form.meta, "tuned_steps": self.global_step}))
+        return out
+
+
+OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precision": str}
+"""What a tuning may be given, and of which type (a benchmark method's ``tune``, ``compress``'s ``--tune_*``)."""
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def _valid(key: str, value) -> bool:
+    kind = OPTIONS[key]
+    if key == "precision":
+        return value in PRECISIONS
+    if key == "top_k" and value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        return False
+    return value >= 0 if key == "steps" else value > 0
+
+
+def checked_options(options: dict) -> dict:
+    """``options`` if every key is a tuning option with a valid value; otherwise one clear error naming it."""
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise AECompressError(f"tune option {key!r} is not one of: {', '.join(OPTIONS)}")
+        if not _valid(key, value):
+            wanted = ("one of " + ", ".join(PRECISIONS) if key == "precision"
+                      else "an integer, 0 or more" if key == "steps"
+                      else "a positive integer or null" if key == "top_k"
+                      else f"a positive {OPTIONS[key].__name__}")
+            raise AECompressError(f"tune {key} {value!r} is not valid; it must be {wanted}")
+    return dict(options)
+
+
+def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps: int, lr: float = 1e-3,
+         top_k: int | None = 64, batch_size: int = 1, precision: str = "32-true", seed: int = 0) -> list[StoredForm]:
+    """The forms with their scales fine-tuned for ``steps`` steps on calibration ``windows`` against ``model``.
+
+    The model's own weights and its ``requires_grad`` flags are left as they were.
+    """
+    if steps <= 0 or not any(tunable(f) for f in forms):
+        return list(forms)
+    flags, training = {n: p.requires_grad for n, p in model.named_parameters()}, model.training
+    model.requires_grad_(False)
+    module = ScaleTuning(model, forms, lr, top_k)
+    loader = DataLoader(windows, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    epochs = math.ceil(steps / max(len(loader), 1))
+    trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    try:
+        with warnings.catch_warnings():  # the frozen model is in eval mode on purpose (see on_train_epoch_start)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(module, loader)
+    finally:
+        module.cpu()
+        model.train(training)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags[name])
+    log.info("tuned %d groups' scales for %d steps; teacher targets held %.1f MB", len(module.logs), steps,
+             module.teacher.nbytes / 2**20)
+    return module.stored()

@@ -1,0 +1,75 @@
+"""The whole-model fine-tune of grouped codes' scales: same bytes, closer outputs, nothing else touched."""
+
+import pytest
+import torch
+from conftest import build_tiny
+
+from aecompress.benchmark.choices import MethodChoice
+from aecompress.benchmark.run import check_tune
+from aecompress.core.errors import AECompressError
+from aecompress.core.selection import select_groups
+from aecompress.data.calibration import collect
+from aecompress.methods import compress
+from aecompress.methods.substitute import decode_all, substituted
+from aecompress.training.tuning import checked_options, tune
+
+
+def _setup(method: str, options: dict):
+    model = build_tiny("llama")
+    torch.manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (8, 32))
+    groups = select_groups(model, ["all"])
+    stats = collect(model, groups, windows, what=("covariance",), cache_key=None)
+    params = dict(model.named_parameters())
+    rows = {g.name: torch.cat([m.view(params[m.param]).detach() for m in g.members]) for g in groups}
+    forms = [compress(method, g, rows[g.name], 32 / 3.5, stats[g.name], **options) for g in groups]
+    return model, windows, forms
+
+
+def _kl(model, forms, windows) -> float:
+    with torch.no_grad():
+        teacher = model(input_ids=windows).logits.log_softmax(-1)
+        with substituted(model, decode_all(forms)):
+            student = model(input_ids=windows).logits.log_softmax(-1)
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("method,options", [
+    ("compensated", {"group_size": 16, "fill": True}),
+    ("compensated", {"group_size": 16, "zeros": "float", "grid": "minmax"}),
+    ("quantize", {"group_size": 16, "dtype": "float16"}),
+    ("quantize", {"dtype": "float16", "zeros": "int", "grid": "mse"}),
+])
+def test_tuning_brings_outputs_closer_at_the_same_bytes_changing_only_scales(method, options):
+    model, windows, forms = _setup(method, options)
+    own = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuned = tune(model, forms, windows, steps=30, lr=0.01, top_k=16)
+    assert _kl(model, tuned, windows) < 0.9 * _kl(model, forms, windows)
+    for before, after in zip(forms, tuned):
+        assert after.bytes == before.bytes and after.tensors.keys() == before.tensors.keys()
+        assert after.meta["tuned_steps"] == 30 and after.method == before.method
+        for key, value in before.tensors.items():
+            assert after.tensors[key].dtype == value.dtype and after.tensors[key].shape == value.shape
+            assert torch.equal(after.tensors[key], value) == (key not in ("scale", "zero")), key
+    assert all(torch.equal(own[n], p) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_no_steps_and_untunable_forms_are_left_as_they_are():
+    model, windows, forms = _setup("compensated", {"group_size": 16})
+    assert tune(model, forms, windows, steps=0) == forms
+    svd = [compress("svd", f.group, decode_all([f])[f.group], 4.0) for f in forms[:1]]
+    assert tune(model, svd, windows, steps=5) == svd
+
+
+def test_bad_tune_options_are_one_clear_error():
+    for options, message in (({"step": 3}, "tune option 'step' is not one of: steps, lr, top_k"),
+                             ({"lr": -1.0}, "tune lr -1.0 is not valid; it must be a positive float"),
+                             ({"steps": 2.5}, "tune steps 2.5 is not valid; it must be an integer, 0 or more"),
+                             ({"precision": "fp8"}, "tune precision 'fp8' is not valid; it must be one of 32-true"),
+                             ({"top_k": 0}, "tune top_k 0 is not valid; it must be a positive integer or null")):
+        with pytest.raises(AECompressError, match=message):
+            checked_options(options)
+    assert checked_options({"steps": 10, "lr": 1, "top_k": None}) == {"steps": 10, "lr": 1, "top_k": None}
+    with pytest.raises(AECompressError, match="method 'svd' has no scales to tune; tune works on: quantize, compensated"):
+        check_tune(MethodChoice("svd", tune={"steps": 3}))
