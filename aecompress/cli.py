@@ -89,7 +89,7 @@ def _benchmark():
 
 
 def _compress():
-    from aecompress.benchmark.compress import compress
+    from aecompress.compress.command import compress
 
     return compress
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from aecompress.benchmark.choices import MethodChoice
-from aecompress.benchmark.run import check_tune
+from aecompress.compress.choices import MethodChoice
+from aecompress.compress.pipeline import check_tune
+from aecompress.compress.tuning import checked_options, tune
 from aecompress.core.errors import AECompressError
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import collect
 from aecompress.methods import compress
 from aecompress.methods.substitute import decode_all, substituted
-from aecompress.training.tuning import checked_options, tune
 
 
 def _setup(method: str, options: dict):

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 import aecompress.methods as catalogue
-from aecompress.benchmark.choices import GroupChoice, MethodChoice
 from aecompress.benchmark.recipe import train_recipe
 from aecompress.benchmark.report import markdown, plot, whole_model_markdown
 from aecompress.benchmark.results import ResultsCSV, Row
-from aecompress.core.budget import bits_per_weight, whole_model
+from aecompress.compress.choices import GroupChoice, MethodChoice
+from aecompress.compress.pipeline import check_tune, closed_form
+from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight, whole_model
 from aecompress.core.errors import AECompressError
-from aecompress.core.groups import WeightGroup, extract_rows
+from aecompress.core.groups import WeightGroup
 from aecompress.core.memory import peak_rss, reset_peak
 from aecompress.core.selection import select_groups
 from aecompress.core.stored import StoredForm
@@ -37,10 +38,7 @@ from aecompress.evaluation import allocation
 from aecompress.evaluation.metrics import evaluate_model, targets_for
 from aecompress.formats.sidecar import covered
 from aecompress.formats.sources import load_model, model_kind
-from aecompress.methods.base import GroupStats
 from aecompress.methods.substitute import decode_all, substituted
-from aecompress.training.datamodule import BITS_PER_ORIGINAL
-from aecompress.training.tuning import TUNABLE, checked_options, tune
 
 log = logging.getLogger(__name__)
 
@@ -94,45 +92,6 @@ class Benchmark:
         forms = train_recipe(choice.recipe, self, group.modules, mode, ratio, run_dir, choice.overrides)
         self.model.requires_grad_(True)
         return forms
-
-
-def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], ratio: float,
-                damage) -> tuple[list[StoredForm], allocation.Plan | None]:
-    """A closed-form method's stored forms at ``ratio``, with the calibration statistics it needs, allocated as
-    ``choice`` asks, then fine-tuned if it asks (``damage``: a callable giving the allocator's measure, only
-    called for a measured plan). The plan is printed before anything is compressed, and returned (None for uniform)."""
-    check_tune(choice)
-    stats: dict[str, GroupStats] = {}
-    for kind in catalogue.get(choice.method).needs:
-        model.requires_grad_(True)  # Fisher needs weight gradients; an AE run may have frozen them
-        stats = calibration.stats(groups, kind)
-    rows = {g.name: extract_rows(model, g) for g in groups}
-
-    def compress_at(group: WeightGroup, at: float) -> StoredForm:
-        return catalogue.compress(choice.method, group, rows[group.name], at, stats.get(group.name), **choice.options)
-
-    ratios, chosen = {g.name: ratio for g in groups}, None
-    if choice.allocation != "uniform" and catalogue.get(choice.method).budgeted:
-        chosen = allocation.plan(model, groups, rows, compress_at, damage(), BITS_PER_ORIGINAL / ratio,
-                                 choice.allocation)
-        print(chosen.table(groups), flush=True)
-        ratios = chosen.ratios()
-    forms = [compress_at(g, ratios[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
-    return tuned(model, calibration, choice, forms), chosen
-
-
-def check_tune(choice: MethodChoice) -> None:
-    """One clear error for tuning a method that has no scales, or an unknown or invalid tune option."""
-    if choice.tune and choice.method not in TUNABLE:
-        raise AECompressError(f"method {choice.method!r} has no scales to tune; tune works on: {', '.join(TUNABLE)}")
-    checked_options(choice.tune)
-
-
-def tuned(model, calibration: Calibration, choice: MethodChoice, forms: list[StoredForm]) -> list[StoredForm]:
-    """The forms with their scales fine-tuned together on the calibration windows, if ``choice`` asks."""
-    if not choice.tune:
-        return forms
-    return tune(model, forms, calibration.windows(), **checked_options(choice.tune))
 
 
 def _rows(bench: Benchmark, group: str, method: str, target: Target, forms, scores, seconds, peak) -> list[Row]:

@@ -30,6 +30,8 @@ def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 ORIGINAL_BYTES_PER_NUMBER = 4  # ratios are measured against the float32 original
+BITS_PER_ORIGINAL = 8 * ORIGINAL_BYTES_PER_NUMBER
+"""Bits of one original (float32) weight: the ceiling of every budget in bits per weight."""
 
 
 def original_bytes(rows: int, width: int) -> int:

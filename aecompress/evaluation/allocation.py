@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from aecompress.core.budget import bits_per_weight
+from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
@@ -35,7 +35,6 @@ ALLOCATIONS = ("uniform", "measured")
 """How a budget can be shared by groups: every group the same bits per weight, or by measured sensitivity."""
 SCALES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 """Sizes tried per group, as multiples of the target bits per weight."""
-BITS_PER_ORIGINAL = 32
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,11 @@ def compressors() -> list[str]:
     return [name for name, m in METHODS.items() if not m.trained and m.budgeted]
 
 
+def tunable() -> list[str]:
+    """Names of the methods whose scales the whole-model tune can refine."""
+    return [name for name, m in METHODS.items() if m.tunable]
+
+
 def options(name: str) -> dict[str, object]:
     """A method's options and their defaults."""
     return get(name).options()

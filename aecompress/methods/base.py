@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -69,6 +69,10 @@ class Method:
         needs: the calibration statistics ``compress`` reads (``covariance``, ``fisher``).
         budgeted: whether ``compress`` meets a byte budget; False for a method whose size is its own
             (another package's quantized checkpoint), which the benchmark measures once at that size.
+        tunable: whether its decoded rows are stored scales times fixed codes, so that the whole-model
+            scale tune (:mod:`aecompress.compress.tuning`) can refine the scales in place.
+        defaults: the options ``aecompress compress`` gives it when none are given: its best measured recipe.
+        tune_steps: the scale-tune steps ``aecompress compress`` gives it when ``--tune_steps`` is not given.
     """
 
     name: str
@@ -77,6 +81,9 @@ class Method:
     compress: Callable[..., StoredForm] | None = None
     needs: tuple[str, ...] = ()
     budgeted: bool = True
+    tunable: bool = False
+    defaults: dict = field(default_factory=dict)
+    tune_steps: int = 0
 
     @property
     def trained(self) -> bool:

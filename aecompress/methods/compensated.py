@@ -182,4 +182,6 @@ def decode(form: StoredForm) -> torch.Tensor:
     return (mixed_rows.decode if "wide" in form.tensors else quantize.decode)(form)
 
 
-METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",))
+METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",), tunable=True,
+                defaults={"group_size": "auto", "fill": True}, tune_steps=100)
+"""Its defaults and tune steps are the best whole-model recipe measured on validation (docs/results.md)."""

@@ -244,4 +244,4 @@ def decode(stored: StoredForm) -> torch.Tensor:
     return source.decode()
 
 
-METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress)
+METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress, tunable=True)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import aecompress.methods as methods
-from aecompress.core.budget import ORIGINAL_BYTES_PER_NUMBER, budget_numbers
+from aecompress.core.budget import BITS_PER_ORIGINAL, budget_numbers
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
 from aecompress.core.selection import Mode, select_groups
@@ -34,7 +34,6 @@ from aecompress.formats.sources import ModelClass, load_model
 
 log = logging.getLogger(__name__)
 
-BITS_PER_ORIGINAL = 8 * ORIGINAL_BYTES_PER_NUMBER
 """Bits of a float32 weight: a budget of ``b`` bits per weight is ratio ``32 / b``."""
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import aecompress.methods as catalogue
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, substituted_params
 from aecompress.core.stored import StoredForm
@@ -31,13 +32,9 @@ from aecompress.training.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-TUNABLE = ("quantize", "compensated")
-"""Methods whose stored form is a scale per run of columns times fixed codes."""
-
-
 def tunable(form: StoredForm) -> bool:
     """Whether a form's decoded rows are its stored scales times fixed codes (so its scales can be tuned)."""
-    return form.method in TUNABLE and "scale" in form.tensors
+    return catalogue.get(form.method).tunable and "scale" in form.tensors
 
 
 def _runs(form: StoredForm) -> int:

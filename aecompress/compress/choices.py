@@ -1,4 +1,4 @@
-"""What a benchmark compares: which weights (groups) and which methods, with their options."""
+"""What a run chooses: which weights (groups) and which methods, with their options, allocation and tune."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class MethodChoice:
             in its recipe instead.
         tune: for ``quantize`` and ``compensated``: fine-tune every group's scales together against the
             original model's outputs on the calibration windows after compressing, e.g. ``{steps: 100,
-            lr: 0.001}`` (see ``aecompress.training.tuning``); empty: no tuning.
+            lr: 0.001}`` (see ``aecompress.compress.tuning``); empty: no tuning.
     """
 
     method: str

@@ -3,8 +3,9 @@
 ``fit`` trains autoencoders; the closed-form methods (``compensated``, ``quantize``, the
 factorizations) need no training, only calibration statistics, so one command compresses every
 selected weight at a budget in bits per weight and writes the same decoded or compact export as
-``aecompress export``. It shares the benchmark's path (:func:`aecompress.benchmark.run.closed_form`),
-so the export is exactly the model a benchmark row of the same method, options and budget measured.
+``aecompress export``. It goes through :func:`aecompress.compress.pipeline.closed_form`, the path the
+benchmark measures, so the export is exactly the model a benchmark row of the same method, options and
+budget measured.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import get_args
 
 import aecompress.methods as catalogue
-from aecompress.benchmark.choices import MethodChoice
-from aecompress.benchmark.run import check_tune, closed_form, tuned
-from aecompress.core.budget import bits_per_weight
+from aecompress.compress.choices import MethodChoice
+from aecompress.compress.pipeline import check_tune, closed_form, tuned
+from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
 from aecompress.core.memory import peak_rss, reset_peak
@@ -29,12 +30,7 @@ from aecompress.evaluation import allocation as allocator
 from aecompress.formats.export import export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.sources import load_model
-from aecompress.training.datamodule import BITS_PER_ORIGINAL
 
-DEFAULT_OPTIONS = {"compensated": {"group_size": "auto", "fill": True}}
-"""Options a method gets when none are given: the best recipe measured (see docs/results.md)."""
-DEFAULT_TUNE_STEPS = {"compensated": 100}
-"""Tuning steps a method gets when ``--tune_steps`` is not given (see docs/results.md); others: none."""
 FORMATS = get_args(ExportFormat)
 
 
@@ -95,9 +91,10 @@ def compress(
         trust_remote_code: allow a hub model's own code (off by default).
     """
     _checked(method, bits, allocation, format)
-    steps = DEFAULT_TUNE_STEPS.get(method, 0) if tune_steps is None else tune_steps
+    row = catalogue.get(method)
+    steps = row.tune_steps if tune_steps is None else tune_steps
     settings = {"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision} if steps else {}
-    choice = MethodChoice(method=method, options=DEFAULT_OPTIONS.get(method, {}) if options is None else options,
+    choice = MethodChoice(method=method, options=dict(row.defaults) if options is None else options,
                           allocation=allocation, tune=settings)
     check_tune(choice)
     check_target(Path(out_dir), overwrite)
