@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from aecompress import load_compact
 from aecompress.core.bits import pack_bits, unpack_bits
-from aecompress.core.budget import budget_bytes
+from aecompress.core.budget import Budget
 from aecompress.core.codes import BITS
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup, extract_rows
@@ -69,11 +69,11 @@ def test_every_method_respects_the_budget(tiny_stats, family, ratio, method):
     for group in groups:
         if _needs_linear_input(method) and stats[group.name].mean_covariance() is None:
             with pytest.raises(AECompressError, match="needs the input of a linear layer"):
-                compress(method, group, extract_rows(model, group), ratio, stats[group.name])
+                compress(method, group, extract_rows(model, group), Budget.of_ratio(ratio), stats[group.name])
             continue
-        budget = budget_bytes(group.rows, group.width, ratio)
+        budget = Budget.of_ratio(ratio).bytes(group.rows, group.width)
         try:
-            form = compress(method, group, extract_rows(model, group), ratio, stats[group.name])
+            form = compress(method, group, extract_rows(model, group), Budget.of_ratio(ratio), stats[group.name])
         except AECompressError as err:
             assert float(FEASIBLE.search(str(err)).group(1)) < ratio
             continue
@@ -88,9 +88,9 @@ def test_every_method_respects_the_budget(tiny_stats, family, ratio, method):
 def test_budget_is_never_exceeded_and_nearly_used(method, rows, width, ratio, seed):
     group = WeightGroup("g", "g", (Member("w", None, False),), rows, width)
     w = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
-    budget = budget_bytes(rows, width, ratio)
+    budget = Budget.of_ratio(ratio).bytes(rows, width)
     try:
-        form = compress(method, group, w, ratio)
+        form = compress(method, group, w, Budget.of_ratio(ratio))
     except AECompressError as err:
         assert float(FEASIBLE.search(str(err)).group(1)) < ratio
         return
@@ -107,7 +107,7 @@ def test_budget_is_never_exceeded_and_nearly_used(method, rows, width, ratio, se
 
 
 def compress_bytes_at_bits(group: WeightGroup, w: torch.Tensor, bits: int) -> int:
-    return compress("quantize", group, w, 1.0001, bits=bits).bytes
+    return compress("quantize", group, w, Budget.of_ratio(1.0001), code_bits=bits).bytes
 
 
 @pytest.mark.parametrize("sharing", ["group", "layer"])
@@ -115,8 +115,8 @@ def test_whitened_svd_beats_svd_on_the_whitened_objective(tiny_stats, sharing):
     model, groups, stats = tiny_stats["llama"]
     group = next(g for g in groups if g.name == "down_proj")
     s, w = stats[group.name], extract_rows(model, group)
-    svd = decode(compress("svd", group, w, 4.0, sharing=sharing))
-    white = decode(compress("whitened_svd", group, w, 4.0, s, sharing=sharing))
+    svd = decode(compress("svd", group, w, Budget.of_ratio(4.0), sharing=sharing))
+    white = decode(compress("whitened_svd", group, w, Budget.of_ratio(4.0), s, sharing=sharing))
     if sharing == "group":
         cov = s.mean_covariance()
         assert _whitened_error(w, white, cov) < 0.9 * _whitened_error(w, svd, cov)
@@ -133,8 +133,8 @@ def test_whitened_svd_equals_svd_when_covariance_is_identity(tiny_stats, sharing
     group = next(g for g in groups if g.name == "mlp_fc")
     w = extract_rows(model, group)
     eye = GroupStats(tokens=10_000, covariances=[torch.eye(group.width, dtype=torch.float64)] * len(group.members))
-    white = compress("whitened_svd", group, w, 4.0, eye, sharing=sharing)
-    svd = compress("svd", group, w, 4.0, sharing=sharing)
+    white = compress("whitened_svd", group, w, Budget.of_ratio(4.0), eye, sharing=sharing)
+    svd = compress("svd", group, w, Budget.of_ratio(4.0), sharing=sharing)
     assert white.meta["ranks"] == svd.meta["ranks"]
     torch.testing.assert_close(decode(white), decode(svd), rtol=1e-5, atol=1e-5)
 
@@ -143,8 +143,9 @@ def test_greedy_allocation_spends_the_budget_better(tiny_stats):
     model, groups, stats = tiny_stats["llama"]
     group = next(g for g in groups if g.name == "down_proj")
     s, w = stats[group.name], extract_rows(model, group)
-    forms = {a: compress("whitened_svd", group, w, 4.0, s, sharing="layer", allocation=a) for a in ("uniform", "greedy")}
-    assert forms["uniform"].bytes <= forms["greedy"].bytes <= budget_bytes(group.rows, group.width, 4.0)
+    forms = {a: compress("whitened_svd", group, w, Budget.of_ratio(4.0), s, sharing="layer",
+                         allocation=a) for a in ("uniform", "greedy")}
+    assert forms["uniform"].bytes <= forms["greedy"].bytes <= Budget.of_ratio(4.0).bytes(group.rows, group.width)
 
     def error(form):
         parts = zip(w.split(s.member_rows), decode(form).split(s.member_rows), s.covariances)
@@ -163,21 +164,21 @@ def test_fwsvd_with_uniform_weights_equals_svd(tiny_stats):
         per_member = GroupStats(tokens=1, fisher=[torch.full((size,), 0.5 + i, dtype=torch.float64)
                                                   for i in range(len(group.members))])
         for sharing in ("group", "layer"):
-            svd = decode(compress("svd", group, w, 4.0, sharing=sharing))
+            svd = decode(compress("svd", group, w, Budget.of_ratio(4.0), sharing=sharing))
             for stats, normalize in ((uniform, "group"), (uniform, "member"), (per_member, "member")):
-                fw = compress("fwsvd", group, w, 4.0, stats, sharing=sharing, normalize=normalize)
+                fw = compress("fwsvd", group, w, Budget.of_ratio(4.0), stats, sharing=sharing, normalize=normalize)
                 assert torch.equal(decode(fw), svd)
         if len(group.members) > 1:
-            fw = compress("fwsvd", group, w, 4.0, per_member, normalize="group")
-            assert not torch.equal(decode(fw), decode(compress("svd", group, w, 4.0)))
+            fw = compress("fwsvd", group, w, Budget.of_ratio(4.0), per_member, normalize="group")
+            assert not torch.equal(decode(fw), decode(compress("svd", group, w, Budget.of_ratio(4.0))))
 
 
 def test_fwsvd_beats_svd_on_the_fisher_weighted_error(tiny_stats):
     model, groups, stats = tiny_stats["gpt2"]
     group = next(g for g in groups if g.name == "mlp_fc")
     w, c = extract_rows(model, group), stats[group.name].row_weights().float().unsqueeze(1)
-    fw = decode(compress("fwsvd", group, w, 4.0, stats[group.name]))
-    svd = decode(compress("svd", group, w, 4.0))
+    fw = decode(compress("fwsvd", group, w, Budget.of_ratio(4.0), stats[group.name]))
+    svd = decode(compress("svd", group, w, Budget.of_ratio(4.0)))
     assert ((w - fw) * c).norm() < ((w - svd) * c).norm()
 
 
@@ -186,7 +187,7 @@ def test_short_calibration_is_regularized_with_a_warning():
     (group,) = select_groups(model, ["k_proj"])
     stats = collect(model, [group], _ids(windows=1, length=8), what=("covariance",))[group.name]
     with pytest.warns(UserWarning, match="8 calibration tokens cannot give a full-rank 32 x 32"):
-        form = compress("whitened_svd", group, extract_rows(model, group), 4.0, stats, damp=0.0)
+        form = compress("whitened_svd", group, extract_rows(model, group), Budget.of_ratio(4.0), stats, damp=0.0)
     assert form.meta["damp"] >= 1e-2 and torch.isfinite(decode(form)).all()
 
 
@@ -197,7 +198,7 @@ def test_singular_covariance_damps_until_cholesky_works():
     stats = GroupStats(tokens=1000, covariances=[cov])
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        form = compress("whitened_svd", group, torch.randn(8, 6), 2.0, stats, damp=0.0)
+        form = compress("whitened_svd", group, torch.randn(8, 6), Budget.of_ratio(2.0), stats, damp=0.0)
     assert form.meta["damp"] > 0 and torch.isfinite(decode(form)).all()
 
 
@@ -207,7 +208,7 @@ def test_singular_covariance_damps_until_cholesky_works():
 def test_prune_keeps_the_largest_weights_under_each_position_encoding(rows, width, ratio, encoding):
     group = WeightGroup("g", "g", (Member("w", None, False),), rows, width)
     w = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
-    form = compress("prune", group, w, ratio)
+    form = compress("prune", group, w, Budget.of_ratio(ratio))
     assert form.meta["positions"] == encoding
     out = decode(form)
     kept = out != 0
@@ -223,12 +224,12 @@ def test_quantize_error_is_within_half_a_step():
     group = WeightGroup("g", "g", (Member("w", None, False),), 40, 50)
     w = torch.randn(40, 50, generator=torch.Generator().manual_seed(0))
     for bits in (1, 3, 8):
-        form = compress("quantize", group, w, 1.01, bits=bits)
+        form = compress("quantize", group, w, Budget.of_ratio(1.01), code_bits=bits)
         assert form.tensors["codes"].dtype == torch.uint8 and form.tensors["codes"].numel() == (40 * 50 * bits + 7) // 8
         step = form.tensors["scale"].float().unsqueeze(1)
         assert ((decode(form) - w).abs() <= step / 2 + 1e-5).all()
     with pytest.raises(AECompressError, match="quantize \\(8 bits"):
-        compress("quantize", group, w, 10.0, bits=8)
+        compress("quantize", group, w, Budget.of_ratio(10.0), code_bits=8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -244,10 +245,10 @@ def test_bit_packing_round_trips(bits):
 def test_low_precision_factors_are_counted_at_their_size(tiny_stats, dtype, item):
     model, groups, _ = tiny_stats["gpt2"]
     group = next(g for g in groups if g.name == "mlp_fc")
-    form = compress("svd", group, extract_rows(model, group), 4.0, dtype=dtype)
+    form = compress("svd", group, extract_rows(model, group), Budget.of_ratio(4.0), dtype=dtype)
     rank = form.meta["ranks"][0]
     assert form.tensors["A"].element_size() == item and form.bytes == rank * (group.rows + group.width) * item
-    assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) < form.bytes + (group.rows + group.width) * item
+    assert form.bytes <= Budget.of_ratio(4.0).bytes(group.rows, group.width) < form.bytes + (group.rows + group.width) * item
 
 
 @pytest.mark.parametrize("dtype,item", [("float32", 4), ("float16", 2)])
@@ -255,14 +256,14 @@ def test_int8_codes_buy_rank_at_one_byte_per_code_plus_a_row_scale(tiny_stats, d
     model, groups, _ = tiny_stats["gpt2"]
     group = next(g for g in groups if g.name == "mlp_fc")
     rows = extract_rows(model, group)
-    plain = compress("svd", group, rows, 4.0, dtype=dtype)
-    form = compress("svd", group, rows, 4.0, dtype=dtype, codes="int8", layout="plain")
+    plain = compress("svd", group, rows, Budget.of_ratio(4.0), dtype=dtype)
+    form = compress("svd", group, rows, Budget.of_ratio(4.0), dtype=dtype, codes="int8", layout="plain")
     rank = form.meta["ranks"][0]
     assert form.tensors["A"].dtype == torch.int8 and form.tensors["A_scales"].dtype == torch.float16
     assert form.bytes == rank * (group.rows + group.width * item) + 2 * group.rows
-    assert form.bytes <= budget_bytes(group.rows, group.width, 4.0) and rank > plain.meta["ranks"][0]
+    assert form.bytes <= Budget.of_ratio(4.0).bytes(group.rows, group.width) and rank > plain.meta["ranks"][0]
     # Plain codes are the rank-r factor rounded per row: the error stays within half a step.
-    exact = compress("svd", group, rows, 1.0001, dtype="float32")
+    exact = compress("svd", group, rows, Budget.of_ratio(1.0001), dtype="float32")
     a = exact.tensors["A"][:, :rank].float()
     step = form.tensors["A_scales"].float().unsqueeze(1)
     assert ((form.tensors["A"].float() * step - a).abs() <= step / 2 + 1e-5).all()
@@ -276,10 +277,11 @@ def _error(form, rows) -> float:
 def test_fewer_bit_codes_are_packed_counted_exactly_and_buy_rank(tiny_stats, sharing):
     model, groups, stats = tiny_stats["llama"]
     group = next(g for g in groups if g.name == "down_proj")
-    rows, budget = extract_rows(model, group), budget_bytes(group.rows, group.width, 4.0)
+    rows, budget = extract_rows(model, group), Budget.of_ratio(4.0).bytes(group.rows, group.width)
     ranks = {}
     for bits in BITS:
-        form = compress("svd", group, rows, 4.0, stats[group.name], codes=f"int{bits}", sharing=sharing, dtype="float16")
+        form = compress("svd", group, rows, Budget.of_ratio(4.0), stats[group.name], codes=f"int{bits}", sharing=sharing,
+                        dtype="float16")
         ranks[bits] = form.meta["ranks"]
         suffixes = [""] if sharing == "group" else [f".{i}" for i in range(len(group.members))]
         expected = sum(factor_bytes(form.tensors[f"A{s}_scales"].shape[0], group.width, r, 2, bits)
@@ -295,8 +297,8 @@ def test_balanced_layout_rounds_no_worse_than_plain(tiny_stats):
     group = next(g for g in groups if g.name == "down_proj")
     rows = extract_rows(model, group)
     for bits in (4, 8):
-        balanced = compress("svd", group, rows, 2.0, codes=f"int{bits}")
-        plain = compress("svd", group, rows, 2.0, codes=f"int{bits}", layout="plain")
+        balanced = compress("svd", group, rows, Budget.of_ratio(2.0), codes=f"int{bits}")
+        plain = compress("svd", group, rows, Budget.of_ratio(2.0), codes=f"int{bits}", layout="plain")
         assert balanced.meta["ranks"] == plain.meta["ranks"] and balanced.bytes == plain.bytes
         assert _error(balanced, rows) <= _error(plain, rows) * (1 + 1e-6)
         assert plain.meta["gain_exponents"] == [1.0]
@@ -306,9 +308,9 @@ def test_auto_codes_state_a_feasible_bound_when_no_width_fits():
     group = WeightGroup("g", "g", (Member("w", 0, False),), 200, 8)
     rows = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(AECompressError, match="infeasible") as err:
-        compress("svd", group, rows, 30.0, dtype="float16", codes="auto")
+        compress("svd", group, rows, Budget.of_ratio(30.0), dtype="float16", codes="auto")
     bound = float(FEASIBLE.search(str(err.value)).group(1))
-    assert compress("svd", group, rows, bound, dtype="float16", codes="auto").ratio >= bound
+    assert compress("svd", group, rows, Budget.of_ratio(bound), dtype="float16", codes="auto").ratio >= bound
 
 
 @pytest.mark.parametrize("bits", [None, 3, 4, 8])
@@ -330,14 +332,14 @@ def test_auto_codes_keep_the_width_with_the_least_error(tiny_stats):
     group = next(g for g in groups if g.name == "down_proj")
     rows = extract_rows(model, group)
     for ratio in (2.0, 6.0):
-        errors = {f"int{b}": _error(compress("svd", group, rows, ratio, codes=f"int{b}"), rows) for b in BITS}
-        auto = compress("svd", group, rows, ratio, codes="auto")
+        errors = {f"int{b}": _error(compress("svd", group, rows, Budget.of_ratio(ratio), codes=f"int{b}"), rows) for b in BITS}
+        auto = compress("svd", group, rows, Budget.of_ratio(ratio), codes="auto")
         assert auto.meta["codes"] == min(errors, key=errors.get)
         assert _error(auto, rows) == pytest.approx(min(errors.values()))
     with pytest.raises(AECompressError, match="unknown codes 'int2' .* valid: dtype, int3, .*, int8, auto"):
-        compress("svd", group, rows, 2.0, codes="int2")
+        compress("svd", group, rows, Budget.of_ratio(2.0), codes="int2")
     with pytest.raises(AECompressError, match="unknown layout 'even' .* valid: balanced, plain"):
-        compress("svd", group, rows, 2.0, codes="int4", layout="even")
+        compress("svd", group, rows, Budget.of_ratio(2.0), codes="int4", layout="even")
 
 
 @pytest.mark.parametrize("family", list(MODULES))
@@ -347,7 +349,8 @@ def test_decoded_and_compact_exports_round_trip_bit_exactly(tiny_stats, tiny_dir
     # Concatenated groups only: a separated group would overwrite part of one of them.
     chosen = [g for g in groups if g.name in MODULES[family] and ("embed" not in g.name or not _needs_linear_input(method))]
     opts = {"sharing": "layer"} if method == "whitened_svd" else {}
-    forms = {g.name: compress(method, g, extract_rows(model, g), 4.0, _stats_for(method, g, stats[g.name]), **opts)
+    forms = {g.name: compress(method, g, extract_rows(model, g), Budget.of_ratio(4.0), _stats_for(method, g, stats[g.name]),
+                              **opts)
              for g in chosen}
     source = str(tiny_dirs[family])
     export(model, forms, source, AUTO[family], "tiny", str(tmp_path / "decoded"), "decoded")
@@ -364,16 +367,16 @@ def test_unknown_method_and_option_list_the_valid_ones(tiny_stats):
     model, groups, stats = tiny_stats["llama"]
     group, rows = groups[0], extract_rows(model, groups[0])
     with pytest.raises(AECompressError, match="unknown compression method 'nonesuch'; valid: svd, fwsvd, whitened_svd, prune"):
-        compress("nonesuch", group, rows, 4.0)
+        compress("nonesuch", group, rows, Budget.of_ratio(4.0))
     with pytest.raises(AECompressError, match="unknown option 'rank' for method 'svd'; valid: sharing, allocation, dtype"):
-        compress("svd", group, rows, 4.0, rank=3)
+        compress("svd", group, rows, Budget.of_ratio(4.0), rank=3)
     with pytest.raises(AECompressError, match="unknown sharing 'all' .* valid: group, layer"):
-        compress("whitened_svd", group, rows, 4.0, stats[group.name], sharing="all")
+        compress("whitened_svd", group, rows, Budget.of_ratio(4.0), stats[group.name], sharing="all")
     with pytest.raises(AECompressError, match="unknown dtype 'int8' .* valid: float32, float16, bfloat16"):
-        compress("prune", group, rows, 4.0, dtype="int8")
+        compress("prune", group, rows, Budget.of_ratio(4.0), dtype="int8")
     for method, need in (("fwsvd", "fisher"), ("whitened_svd", "covariance")):
         with pytest.raises(AECompressError, match=f"method '{method}' needs .*what=\\('{need}',\\)"):
-            compress(method, group, rows, 4.0)
+            compress(method, group, rows, Budget.of_ratio(4.0))
     with pytest.raises(AECompressError, match="greater than 1"):
-        compress("svd", group, rows, 1.0)
-    assert options("quantize") == {"bits": None, "dtype": "float32", "group_size": None, "grid": "minmax", "zeros": "float"}
+        compress("svd", group, rows, Budget.of_ratio(1.0))
+    assert options("quantize") == {"code_bits": None, "dtype": "float32", "group_size": None, "grid": "minmax", "zeros": "float"}

@@ -7,6 +7,7 @@ Budget, export round trips and the run-time form are covered for every method of
 import pytest
 import torch
 
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup
 from aecompress.methods import compress, decode
@@ -26,8 +27,9 @@ def _case(seed: int = 0, width: int = 128):
 def test_at_equal_bytes_the_outputs_move_less_than_with_round_to_nearest(bits):
     group, w, stats, root = _case()
     ratio = 32 / (bits + 0.5)
-    nearest = compress("quantize", group, w, ratio, dtype="float16", bits=bits, group_size=64, grid="mse", zeros="int")
-    compensated = compress("compensated", group, w, ratio, stats, bits=bits, group_size=64)
+    nearest = compress("quantize", group, w, Budget.of_ratio(ratio), dtype="float16", code_bits=bits, group_size=64, grid="mse",
+                       zeros="int")
+    compensated = compress("compensated", group, w, Budget.of_ratio(ratio), stats, code_bits=bits, group_size=64)
     assert compensated.bytes == nearest.bytes
     assert {k: t.shape for k, t in compensated.tensors.items()} == {k: t.shape for k, t in nearest.tensors.items()}
     moved = {name: float(((decode(form) - w) @ root).norm()) for name, form in
@@ -38,22 +40,22 @@ def test_at_equal_bytes_the_outputs_move_less_than_with_round_to_nearest(bits):
 def test_with_an_identity_second_moment_it_rounds_to_nearest():
     group, w, _, _ = _case(width=64)
     eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
-    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0)
-    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64, grid="mse", zeros="int")
+    a = compress("compensated", group, w, Budget.of_ratio(8.0), eye, code_bits=3, group_size=64, damp=0.0)
+    b = compress("quantize", group, w, Budget.of_ratio(8.0), dtype="float16", code_bits=3, group_size=64, grid="mse", zeros="int")
     assert torch.equal(decode(a), decode(b))
 
 
 def test_it_needs_the_input_second_moments():
     group, w, _, _ = _case()
     with pytest.raises(AECompressError, match="needs input covariances for group 'g'"):
-        compress("compensated", group, w, 8.0)
+        compress("compensated", group, w, Budget.of_ratio(8.0))
 
 
 def test_fill_spends_what_a_whole_code_width_leaves_and_moves_the_outputs_less():
     group, w, stats, root = _case()
     ratio = 32 / 3.0  # 2-bit codes cost 2.5 bits per weight here; 3-bit codes (3.5) do not fit
-    plain = compress("compensated", group, w, ratio, stats, group_size=64)
-    filled = compress("compensated", group, w, ratio, stats, group_size=64, fill=True)
+    plain = compress("compensated", group, w, Budget.of_ratio(ratio), stats, group_size=64)
+    filled = compress("compensated", group, w, Budget.of_ratio(ratio), stats, group_size=64, fill=True)
     assert plain.meta["bits"] == filled.meta["bits"] == 2
     assert plain.bytes < filled.bytes <= filled.meta["budget_bytes"]
     assert 0 < filled.meta["wide_rows"] < 64 and "wide" in filled.tensors
@@ -65,7 +67,7 @@ def test_a_filled_form_runs_as_it_decodes_member_by_member():
     from aecompress.methods import METHODS
 
     group, w, stats, _ = _case()
-    form = compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True)
+    form = compress("compensated", group, w, Budget.of_ratio(32 / 3.0), stats, group_size=64, fill=True)
     _, sources = METHODS["compensated"].runtime(form, [32, 32])
     assert torch.equal(torch.cat([s.decode() for s in sources]), decode(form))
 
@@ -74,7 +76,7 @@ def test_the_widened_rows_are_those_whose_error_falls_most():
     group, w, stats, _ = _case()
     loud = w.clone()
     loud[5] *= 40  # a row with far larger weights gains far more from one more bit
-    form = compress("compensated", group, loud, 32 / 2.6, stats, group_size=64, fill=True)
+    form = compress("compensated", group, loud, Budget.of_ratio(32 / 2.6), stats, group_size=64, fill=True)
     from aecompress.core.bits import unpack_bits
 
     assert unpack_bits(form.tensors["wide"], 64)[5] == 1
@@ -83,22 +85,23 @@ def test_the_widened_rows_are_those_whose_error_falls_most():
 def test_fill_must_be_a_boolean():
     group, w, stats, _ = _case()
     with pytest.raises(AECompressError, match="fill must be true or false, got 'yes'"):
-        compress("compensated", group, w, 8.0, stats, group_size=64, fill="yes")
+        compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size=64, fill="yes")
 
 
 def test_in_activation_order_an_identity_second_moment_still_rounds_to_nearest():
     group, w, _, _ = _case(width=64)
     eye = GroupStats(tokens=64, covariances=[torch.eye(64, dtype=torch.float64)] * 2, member_rows=[32, 32])
-    a = compress("compensated", group, w, 8.0, eye, bits=3, group_size=64, damp=0.0, order="activation", grid="minmax",
+    a = compress("compensated", group, w, Budget.of_ratio(8.0), eye, code_bits=3, group_size=64, damp=0.0, order="activation",
+                 grid="minmax",
                  zeros="float")
-    b = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=64)
+    b = compress("quantize", group, w, Budget.of_ratio(8.0), dtype="float16", code_bits=3, group_size=64)
     assert torch.equal(decode(a), decode(b))
 
 
 def test_activation_order_rounds_the_loudest_inputs_first_and_moves_the_outputs_less():
     """With min-max grids, which activation order fixes before rounding (a clipped grid is set per group as reached)."""
     group, w, stats, root = _case()
-    moved = {order: float(((decode(compress("compensated", group, w, 32 / 2.5, stats, group_size=64, order=order,
+    moved = {order: float(((decode(compress("compensated", group, w, Budget.of_ratio(32 / 2.5), stats, group_size=64, order=order,
                                             grid="minmax", zeros="float"))
                              - w) @ root).norm()) for order in ("natural", "activation")}
     assert moved["activation"] < moved["natural"]
@@ -107,7 +110,7 @@ def test_activation_order_rounds_the_loudest_inputs_first_and_moves_the_outputs_
 def test_an_unknown_order_is_refused_with_the_valid_ones():
     group, w, stats, _ = _case()
     with pytest.raises(AECompressError, match="order 'random' is not one of: natural, activation"):
-        compress("compensated", group, w, 8.0, stats, group_size=64, order="random")
+        compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size=64, order="random")
 
 
 @pytest.mark.parametrize("zeros", ["float", "int"])
@@ -115,7 +118,8 @@ def test_an_unknown_order_is_refused_with_the_valid_ones():
 def test_the_clipped_grid_moves_the_outputs_less_than_min_max_at_the_same_bytes(bits, zeros):
     group, w, stats, root = _case()
     w[3, 7] = 12.0  # one large weight stretches its group's min-max range
-    forms = {grid: compress("compensated", group, w, 32 / (bits + 0.5), stats, bits=bits, group_size=64, grid=grid,
+    forms = {grid: compress("compensated", group, w, Budget.of_ratio(32 / (bits + 0.5)), stats, code_bits=bits, group_size=64,
+                            grid=grid,
                             zeros=zeros) for grid in ("minmax", "mse")}
     assert forms["mse"].bytes == forms["minmax"].bytes
     moved = {grid: float(((decode(form) - w) @ root).norm()) for grid, form in forms.items()}
@@ -125,14 +129,14 @@ def test_the_clipped_grid_moves_the_outputs_less_than_min_max_at_the_same_bytes(
 def test_an_unknown_grid_is_refused_with_the_valid_ones():
     group, w, stats, _ = _case()
     with pytest.raises(AECompressError, match="compensated grid 'best' is not one of: minmax, mse"):
-        compress("compensated", group, w, 8.0, stats, group_size=64, grid="best")
+        compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size=64, grid="best")
 
 
 def test_integer_zeros_free_bytes_that_widen_more_rows_and_the_form_runs_as_it_decodes():
     from aecompress.methods import METHODS
 
     group, w, stats, root = _case()
-    forms = {z: compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True, zeros=z)
+    forms = {z: compress("compensated", group, w, Budget.of_ratio(32 / 3.0), stats, group_size=64, fill=True, zeros=z)
              for z in ("float", "int")}
     assert forms["int"].meta["wide_rows"] > forms["float"].meta["wide_rows"]
     assert forms["int"].bytes <= forms["int"].meta["budget_bytes"]
@@ -145,14 +149,15 @@ def test_integer_zeros_free_bytes_that_widen_more_rows_and_the_form_runs_as_it_d
 
 def test_float_zeros_and_min_max_grids_store_what_they_stored_before():
     group, w, stats, _ = _case()
-    form = compress("compensated", group, w, 32 / 3.0, stats, group_size=64, fill=True, grid="minmax", zeros="float")
+    form = compress("compensated", group, w, Budget.of_ratio(32 / 3.0), stats, group_size=64, fill=True, grid="minmax",
+                    zeros="float")
     assert {"zero", "scale"} <= set(form.tensors) and "zero_codes" not in form.tensors
     assert form.tensors["zero"].dtype == torch.float16
 
 
 def test_an_automatic_group_size_takes_the_first_that_divides_the_width():
     group, w, stats, _ = _case(width=128)
-    form = compress("compensated", group, w, 8.0, stats, group_size="auto")
+    form = compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size="auto")
     assert form.meta["group_size"] == 128  # 96 does not divide 128
     with pytest.raises(AECompressError, match="group_size 'big' must divide group 'g'"):
-        compress("compensated", group, w, 8.0, stats, group_size="big")
+        compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size="big")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import aecompress
 from aecompress import load_compact
 from aecompress.cli import main
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, sha256
 from aecompress.core.groups import extract_rows
@@ -100,7 +101,7 @@ def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
 
 def svd_compact(model: torch.nn.Module, family: str, source: Path, out: Path, modules: list[str]) -> Path:
     """A compact export of ``model`` with SVD forms (no training needed)."""
-    forms = {g.name: compress("svd", g, extract_rows(model, g), 4.0) for g in select_groups(model, modules)}
+    forms = {g.name: compress("svd", g, extract_rows(model, g), Budget.of_ratio(4.0)) for g in select_groups(model, modules)}
     export(model, forms, str(source), AUTO[family], "tiny", str(out), "compact")
     return out
 
@@ -442,7 +443,7 @@ def test_non_finite_source_weights_are_reported(tmp_path, tiny_dirs, capsys, val
     assert not (tmp_path / "ckpt").exists()
     (group,) = select_groups(model, ["key"])
     with pytest.raises(AECompressError, match="group 'key' holds NaN or inf"):
-        compress("svd", group, extract_rows(model, group), 4.0)
+        compress("svd", group, extract_rows(model, group), Budget.of_ratio(4.0))
 
 
 def test_zero_norm_rows_compress_to_finite_weights(tmp_path, capsys):
@@ -464,7 +465,7 @@ def test_zero_norm_rows_compress_to_finite_weights(tmp_path, capsys):
     (group,) = select_groups(model, ["key"])
     rows = extract_rows(model, group)
     for method in ("svd", "prune", "quantize"):
-        assert torch.isfinite(decode(compress(method, group, rows, 4.0))).all()
+        assert torch.isfinite(decode(compress(method, group, rows, Budget.of_ratio(4.0)))).all()
 
 
 # --- row: NaN or inf loss during fit ----------------------------------------------------------------
@@ -737,7 +738,7 @@ def test_decoding_does_not_depend_on_memory_alignment(method):
         module = CompressorModule(groups=[{**group.to_dict(), "ratio": 2.0}], encoder="free")
         (form,) = module.stored_forms({group.name: rows}).values()
     else:
-        form = compress("svd", group, rows, 2.0)
+        form = compress("svd", group, rows, Budget.of_ratio(2.0))
     reference = decode(form)
     for offset in range(4, 64, 4):
         moved = StoredForm(form.method, form.group, {k: _unaligned(t, offset) for k, t in form.tensors.items()}, form.meta)

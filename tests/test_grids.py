@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup
 from aecompress.methods import compress, decode
@@ -33,8 +34,8 @@ def test_each_run_rounds_no_worse_than_min_max_and_better_beside_an_outlier(bits
 
 
 def test_quantize_stores_the_same_tensors_either_way_and_records_a_clipped_grid():
-    forms = {g: compress("quantize", _group(), _rows(), 32 / 2.5, dtype="float16", group_size=64, bits=2, grid=g)
-             for g in ("minmax", "mse")}
+    forms = {g: compress("quantize", _group(), _rows(), Budget.of_bits(2.5), dtype="float16", group_size=64, code_bits=2,
+                         grid=g) for g in ("minmax", "mse")}
     shapes = {g: {k: (t.shape, t.dtype) for k, t in f.tensors.items()} for g, f in forms.items()}
     assert shapes["mse"] == shapes["minmax"] and forms["mse"].bytes == forms["minmax"].bytes
     assert forms["mse"].meta["grid"] == "mse" and "grid" not in forms["minmax"].meta
@@ -44,15 +45,17 @@ def test_quantize_stores_the_same_tensors_either_way_and_records_a_clipped_grid(
 
 def test_an_unknown_grid_is_refused_with_the_valid_ones():
     with pytest.raises(AECompressError, match="quantize grid 'lloyd' is not one of: minmax, mse"):
-        compress("quantize", _group(), _rows(), 8.0, group_size=64, grid="lloyd")
+        compress("quantize", _group(), _rows(), Budget.of_ratio(8.0), group_size=64, grid="lloyd")
 
 
 @pytest.mark.parametrize("grid", ["minmax", "mse"])
 def test_integer_zeros_cost_the_code_width_and_decode_on_the_grid(grid):
     from aecompress.methods.quantize import unpacked
 
-    float_zero = compress("quantize", _group(), _rows(), 32 / 3.5, dtype="float16", group_size=64, bits=3, grid=grid)
-    int_zero = compress("quantize", _group(), _rows(), 32 / 3.5, dtype="float16", group_size=64, bits=3, grid=grid,
+    float_zero = compress("quantize", _group(), _rows(), Budget.of_ratio(32 / 3.5), dtype="float16", group_size=64, code_bits=3,
+                          grid=grid)
+    int_zero = compress("quantize", _group(), _rows(), Budget.of_ratio(32 / 3.5), dtype="float16", group_size=64, code_bits=3,
+                        grid=grid,
                         zeros="int")
     assert set(int_zero.tensors) == {"codes", "scale", "zero_codes"} and int_zero.meta["zeros"] == "int"
     assert float_zero.bytes - int_zero.bytes == 32 * 2 * 2 - (32 * 2 * 3) // 8  # a float16 each, against 3 bits each
@@ -67,10 +70,20 @@ def test_integer_zeros_cost_the_code_width_and_decode_on_the_grid(grid):
 def test_a_flat_run_keeps_its_value_with_an_integer_zero():
     w = torch.full((32, 128), -0.25)
     w[:, 64:] = 0.5
-    form = compress("quantize", _group(), w, 32 / 2.5, dtype="float16", group_size=64, bits=2, zeros="int")
+    form = compress("quantize", _group(), w, Budget.of_ratio(32 / 2.5), dtype="float16", group_size=64, code_bits=2, zeros="int")
     assert torch.allclose(decode(form), w, rtol=1e-3)  # to the float16 scale's precision
 
 
 def test_an_unknown_zero_storage_is_refused_with_the_valid_ones():
     with pytest.raises(AECompressError, match="quantize zeros 'half' is not one of: float, int"):
-        compress("quantize", _group(), _rows(), 8.0, group_size=64, zeros="half")
+        compress("quantize", _group(), _rows(), Budget.of_ratio(8.0), group_size=64, zeros="half")
+
+
+def test_the_old_code_width_option_still_works_with_a_deprecation_line():
+    """``bits`` was the code width's name beside ``--bits``, the budget; it is now ``code_bits``."""
+    with pytest.warns(FutureWarning, match="option 'bits' of method 'quantize' is now 'code_bits'"):
+        old = compress("quantize", _group(), _rows(), Budget.of_bits(3.5), dtype="float16", group_size=64, bits=3)
+    new = compress("quantize", _group(), _rows(), Budget.of_bits(3.5), dtype="float16", group_size=64, code_bits=3)
+    assert all(torch.equal(old.tensors[k], new.tensors[k]) for k in new.tensors)
+    with pytest.raises(AECompressError, match="give 'code_bits' only \\('bits' is its old name\\), not both"):
+        compress("quantize", _group(), _rows(), Budget.of_bits(3.5), bits=3, code_bits=3)

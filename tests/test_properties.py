@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from aecompress import load_compact
-from aecompress.core.budget import budget_bytes
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup, assign_rows, extract_rows
 from aecompress.core.selection import select_groups
@@ -88,7 +88,7 @@ def test_autoencoder_never_exceeds_its_budget(rows, width, ratio, encoder, decod
     if latents == "auto":
         module.resolve_codes(group, Factorization(w.double(), None, None))  # what setup() does when fitting starts
     (form,) = module.stored_forms({"g": w}).values()
-    assert form.bytes <= budget_bytes(rows, width, ratio)
+    assert form.bytes <= Budget.of_ratio(ratio).bytes(rows, width)
     assert form.ratio >= ratio
     out = decode(form)
     assert out.shape == (rows, width) and torch.isfinite(out).all()
@@ -119,11 +119,11 @@ def test_baselines_never_exceed_the_budget(method, members, rows_each, width, ra
         opts.update(sharing=sharing, codes=codes)
     stats = _stats(members, rows_each, width, seed) if METHOD_TABLE[method].needs else None
     try:
-        form = compress(method, group, w, ratio, stats, **opts)
+        form = compress(method, group, w, Budget.of_ratio(ratio), stats, **opts)
     except AECompressError as err:
         _infeasible_below(err, ratio)
         return
-    assert form.bytes <= budget_bytes(group.rows, width, ratio)
+    assert form.bytes <= Budget.of_ratio(ratio).bytes(group.rows, width)
     assert form.ratio >= ratio
     out = decode(form)
     assert out.shape == (group.rows, width) and torch.isfinite(out).all()
@@ -215,7 +215,8 @@ def test_compact_equals_decoded(tiny_dirs, selection, method, ratio):
             forms = module.stored_forms({g.name: extract_rows(model, g) for g in groups})
         else:
             stats = _calibration(family, tuple(modules), mode) if METHOD_TABLE[method].needs else {}
-            forms = {g.name: compress(method, g, extract_rows(model, g), ratio, stats.get(g.name)) for g in groups}
+            forms = {g.name: compress(method, g, extract_rows(model, g), Budget.of_ratio(ratio),
+                                      stats.get(g.name)) for g in groups}
     except AECompressError as err:
         _infeasible_below(err, ratio)
         return

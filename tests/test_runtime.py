@@ -11,6 +11,7 @@ from torch import nn
 
 from aecompress import load_compact, methods
 from aecompress.cli import main
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import extract_rows
 from aecompress.core.selection import select_groups
@@ -114,7 +115,8 @@ def _baseline_export(tmp_path, family: str, method: str, **options):
     groups = select_groups(model, modules)
     need = {"fwsvd": ("fisher",), "whitened_svd": ("covariance",)}.get(method)
     stats = collect(model, groups, ids(1, 4, 16), what=need) if need else {}
-    forms = {g.name: compress(method, g, extract_rows(model, g), 4.0, stats.get(g.name), **options) for g in groups}
+    forms = {g.name: compress(method, g, extract_rows(model, g), Budget.of_ratio(4.0), stats.get(g.name),
+                              **options) for g in groups}
     out = tmp_path / "compact"
     export(model, forms, str(source), AUTO[family], family, str(out), fmt="compact")
     return out
@@ -252,7 +254,7 @@ def test_evaluate_runs_the_runtime_form(tiny_lm, tmp_path, capsys):
     from aecompress.methods import compress
 
     model, source, auto_class = load_model(str(tiny_lm["model"]))
-    forms = {g.name: compress("svd", g, extract_rows(model, g), 2.0) for g in select_groups(model, ["k_proj"])}
+    forms = {g.name: compress("svd", g, extract_rows(model, g), Budget.of_ratio(2.0)) for g in select_groups(model, ["k_proj"])}
     export(model, forms, source, auto_class, str(tiny_lm["model"]), str(tmp_path / "c"), "compact")
     text = f"{tiny_lm['text']}:all[:256]"
     scores = []

@@ -7,6 +7,7 @@ from conftest import build_tiny
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.pipeline import check_tune
 from aecompress.compress.tuning import checked_options, tune
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import collect
@@ -22,7 +23,7 @@ def _setup(method: str, options: dict):
     stats = collect(model, groups, windows, what=("covariance",), cache_key=None)
     params = dict(model.named_parameters())
     rows = {g.name: torch.cat([m.view(params[m.param]).detach() for m in g.members]) for g in groups}
-    forms = [compress(method, g, rows[g.name], 32 / 3.5, stats[g.name], **options) for g in groups]
+    forms = [compress(method, g, rows[g.name], Budget.of_ratio(32 / 3.5), stats[g.name], **options) for g in groups]
     return model, windows, forms
 
 
@@ -58,7 +59,7 @@ def test_tuning_brings_outputs_closer_at_the_same_bytes_changing_only_scales(met
 def test_no_steps_and_untunable_forms_are_left_as_they_are():
     model, windows, forms = _setup("compensated", {"group_size": 16})
     assert tune(model, forms, windows, steps=0) == forms
-    svd = [compress("svd", f.group, decode_all([f])[f.group], 4.0) for f in forms[:1]]
+    svd = [compress("svd", f.group, decode_all([f])[f.group], Budget.of_ratio(4.0)) for f in forms[:1]]
     assert tune(model, svd, windows, steps=5) == svd
 
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from aecompress.cli import main
+from aecompress.core.budget import Budget
 from aecompress.core.groups import extract_rows
 from aecompress.core.selection import select_groups
 from aecompress.data.tokens import token_ids
@@ -85,12 +86,12 @@ def test_grouped_round_to_nearest_keeps_a_scale_and_zero_per_group_of_columns():
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
     group = select_groups(build_tiny("llama"), ["down_proj"])[0]
     w = torch.randn(group.rows, group.width, generator=torch.Generator().manual_seed(3))
-    rowwise = compress("quantize", group, w, 8.0, dtype="float16", bits=3)
-    grouped = compress("quantize", group, w, 8.0, dtype="float16", bits=3, group_size=32)
+    rowwise = compress("quantize", group, w, Budget.of_ratio(8.0), dtype="float16", code_bits=3)
+    grouped = compress("quantize", group, w, Budget.of_ratio(8.0), dtype="float16", code_bits=3, group_size=32)
     assert grouped.tensors["scale"].shape == (group.rows, group.width // 32)
     assert float((decode(grouped) - w).norm()) < float((decode(rowwise) - w).norm())
     with pytest.raises(Exception, match="group_size 48 must divide"):
-        compress("quantize", group, w, 8.0, group_size=48)
+        compress("quantize", group, w, Budget.of_ratio(8.0), group_size=48)
 
 
 def test_the_measured_allocation_spends_no_more_than_uniform_and_predicts_less_damage(tiny_lm):
@@ -99,12 +100,12 @@ def test_the_measured_allocation_spends_no_more_than_uniform_and_predicts_less_d
     groups = select_groups(model, ["all"])
     rows = {g.name: extract_rows(model, g) for g in groups}
 
-    def at(group, ratio):
-        return compress("svd", group, rows[group.name], ratio, codes="int8", dtype="float16")
+    def at(group, budget):
+        return compress("svd", group, rows[group.name], budget, codes="int8", dtype="float16")
 
     damage = allocation.damage_on(model, tokenizer, f"{tiny_lm['text']}:all", tokens=512)
-    uniform = allocation.plan(model, groups, rows, at, damage, 8.0, "uniform")
-    measured = allocation.plan(model, groups, rows, at, damage, 8.0, "measured")
+    uniform = allocation.plan(model, groups, rows, at, damage, Budget.of_bits(8.0), "uniform")
+    measured = allocation.plan(model, groups, rows, at, damage, Budget.of_bits(8.0), "measured")
     assert measured.stored_bytes <= uniform.stored_bytes
     assert all(torch.equal(extract_rows(model, g), rows[g.name]) for g in groups)  # measuring restored the model
     curves = allocation.sensitivities(model, groups, rows, at, damage, 8.0)
@@ -183,7 +184,7 @@ def test_a_manifest_that_misses_a_weight_is_refused(tmp_path):
     peer = _peer(tmp_path, model, ["k_proj"])
     group = select_groups(model, ["up_proj"])[0]
     with pytest.raises(Exception, match="did not compress 'model.layers.0.mlp.up_proj.weight'"):
-        compress("external", group, extract_rows(model, group), 4.0, path=str(peer))
+        compress("external", group, extract_rows(model, group), Budget.of_ratio(4.0), path=str(peer))
 
 
 def test_the_save_format_of_a_peer_stays_ours(tmp_path):

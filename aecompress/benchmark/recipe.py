@@ -14,20 +14,21 @@ from pathlib import Path
 
 import yaml
 
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 from aecompress.training.checkpoints import load_weights
 from aecompress.training.cli import build_cli
-from aecompress.training.datamodule import preloaded
+from aecompress.training.datamodule import budget_options, preloaded
 from aecompress.training.timing import FitTimer
 
 log = logging.getLogger(__name__)
 
 
-def _rewrite(recipe: dict, name: str, modules: list[str], mode: str, ratio: float, calibration: str,
+def _rewrite(recipe: dict, name: str, modules: list[str], mode: str, target: Budget, calibration: str,
              calibration_tokens: int, run_dir: Path) -> dict:
     data = dict(recipe.get("data") or {})
-    data.update(model=name, modules=list(modules), mode=mode, ratio=float(ratio))
+    data.update(model=name, modules=list(modules), mode=mode, **budget_options(target))
     if data.get("calibration"):
         data.update(calibration=calibration, calibration_tokens=calibration_tokens)
     trainer = dict(recipe.get("trainer") or {})
@@ -60,7 +61,7 @@ def _override(config: dict, overrides: dict) -> dict:
 
 
 def train_recipe(
-    recipe_path: str, bench, modules: list[str], mode: str, ratio: float, run_dir: Path, overrides: dict | None = None
+    recipe_path: str, bench, modules: list[str], mode: str, target: Budget, run_dir: Path, overrides: dict | None = None
 ) -> list[StoredForm]:
     """Fit a recipe on the benchmark's model; return the stored forms of its best checkpoint.
 
@@ -69,7 +70,7 @@ def train_recipe(
         bench: the running :class:`aecompress.benchmark.Benchmark` (model, calibration choice).
         modules: module types to compress.
         mode: ``concatenated`` or ``separated``.
-        ratio: target ratio.
+        target: the budget.
         run_dir: where this run's config, logs and checkpoints go.
         overrides: dotted recipe keys to replace (``model.storage_dtype``...).
     """
@@ -77,7 +78,7 @@ def train_recipe(
     if not path.is_file():
         raise AECompressError(f"recipe {recipe_path!r} does not exist")
     recipe = _override(yaml.safe_load(path.read_text()) or {}, overrides or {})
-    config = _rewrite(recipe, bench.name, modules, mode, ratio, bench.calibration.spec, bench.calibration.tokens, run_dir)
+    config = _rewrite(recipe, bench.name, modules, mode, target, bench.calibration.spec, bench.calibration.tokens, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     with preloaded(bench.name, bench.model, bench.source, bench.auto_class):

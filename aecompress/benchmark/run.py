@@ -25,7 +25,7 @@ from aecompress.benchmark.report import markdown, plot, whole_model_markdown
 from aecompress.benchmark.results import ResultsCSV, Row
 from aecompress.compress.choices import GroupChoice, MethodChoice
 from aecompress.compress.pipeline import check_tune, closed_form
-from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight, whole_model
+from aecompress.core.budget import BITS_PER_ORIGINAL, Budget, bits_per_weight, whole_model
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.memory import peak_rss, reset_peak
@@ -68,9 +68,9 @@ class Benchmark:
         return evaluate_model(self.model, self.tokenizer, self.data, self.metrics, reference=self.reference,
                               max_tokens=self.max_tokens, ids=self.ids)
 
-    def compressed(self, choice: MethodChoice, groups: list[WeightGroup], ratio: float) -> list[StoredForm]:
+    def compressed(self, choice: MethodChoice, groups: list[WeightGroup], target: Budget) -> list[StoredForm]:
         """Stored forms of a closed-form method, with the calibration statistics it needs, allocated as it asks."""
-        forms, chosen = closed_form(self.model, self.calibration, choice, groups, ratio, self.damage)
+        forms, chosen = closed_form(self.model, self.calibration, choice, groups, target, self.damage)
         if chosen is not None:
             self.plans.append({"method": choice.label, **chosen.to_dict()})
         return forms
@@ -81,7 +81,7 @@ class Benchmark:
             self._damage = allocation.damage_on(self.model, self.tokenizer, self.calibration.spec)
         return self._damage
 
-    def trained(self, choice: MethodChoice, group: GroupChoice, mode: str, ratio: float,
+    def trained(self, choice: MethodChoice, group: GroupChoice, mode: str, target: Budget,
                 run_dir: Path) -> list[StoredForm]:
         """Train a recipe with Lightning; its checkpoint is selected on validation."""
         if not choice.recipe:
@@ -89,7 +89,7 @@ class Benchmark:
                 f"method {choice.label!r} ({choice.method}) is trained: it needs a recipe, a fit config such as "
                 "configs/best.yaml"
             )
-        forms = train_recipe(choice.recipe, self, group.modules, mode, ratio, run_dir, choice.overrides)
+        forms = train_recipe(choice.recipe, self, group.modules, mode, target, run_dir, choice.overrides)
         self.model.requires_grad_(True)
         return forms
 
@@ -123,6 +123,13 @@ class Target:
 
     ratio: float | None
     bits: float | None = None
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget, from the unit it was written in; None: the method's own size."""
+        if self.ratio is None:
+            return None
+        return Budget.of_bits(self.bits) if self.bits is not None else Budget.of_ratio(self.ratio)
 
     @property
     def ratio_text(self) -> float | str:
@@ -224,9 +231,9 @@ def _run_job(bench: Benchmark, results: ResultsCSV, group: GroupChoice, target: 
         selected = select_groups(bench.model, group.modules, mode)
         if catalogue.get(choice.method).trained:
             run_dir = out / "runs" / f"{group.label}-{choice.label}-{target.label}".replace("/", "_").replace(" ", "")
-            forms = bench.trained(choice, group, mode, target.ratio, run_dir)
+            forms = bench.trained(choice, group, mode, target.budget, run_dir)
         else:
-            forms = bench.compressed(choice, selected, target.ratio)
+            forms = bench.compressed(choice, selected, target.budget)
     except AECompressError as err:
         log.warning("%s / %s / %s failed: %s", group.label, choice.label, target.label, err)
         results.add([_failed(bench, group.label, choice.label, target, str(err))])

@@ -20,7 +20,7 @@ from typing import get_args
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.pipeline import check_tune, closed_form, tuned
-from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight
+from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
 from aecompress.core.memory import peak_rss, reset_peak
@@ -34,14 +34,12 @@ from aecompress.formats.sources import load_model
 FORMATS = get_args(ExportFormat)
 
 
-def _checked(method: str, bits: float, allocation: str, fmt: str) -> None:
+def _checked(method: str, allocation: str, fmt: str) -> None:
     """One clear error for a method that is trained or foreign, a budget out of range, or an unknown choice."""
     closed = sorted(n for n, m in catalogue.METHODS.items() if m.compress is not None and m.budgeted)
     if method not in closed:
         raise AECompressError(f"--method {method!r} is not a closed-form method; valid: {', '.join(closed)} "
                               "(autoencoders are trained: aecompress fit)")
-    if not 0 < bits < BITS_PER_ORIGINAL:
-        raise AECompressError(f"--bits {bits!r} must be above 0 and below {BITS_PER_ORIGINAL}")
     if allocation not in allocator.ALLOCATIONS:
         raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(allocator.ALLOCATIONS)}")
     if fmt not in FORMATS:
@@ -90,7 +88,8 @@ def compress(
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """
-    _checked(method, bits, allocation, format)
+    target = Budget.of_bits(bits, "--bits")
+    _checked(method, allocation, format)
     row = catalogue.get(method)
     steps = row.tune_steps if tune_steps is None else tune_steps
     settings = {"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision} if steps else {}
@@ -109,7 +108,7 @@ def compress(
     for kind in catalogue.get(method).needs:  # made (or read from the cache) here, so its time is told apart
         windows.stats(groups, kind)
     loaded = time.perf_counter()
-    forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, BITS_PER_ORIGINAL / bits,
+    forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, target,
                            lambda: allocator.damage_on(net, tokenizer, calibration))
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held

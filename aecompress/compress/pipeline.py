@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.tuning import checked_options, tune
-from aecompress.core.budget import BITS_PER_ORIGINAL
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
 from aecompress.core.stored import StoredForm
@@ -21,9 +21,9 @@ from aecompress.evaluation import allocation
 from aecompress.methods.base import GroupStats
 
 
-def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], ratio: float,
+def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], target: Budget,
                 damage) -> tuple[list[StoredForm], allocation.Plan | None]:
-    """A closed-form method's stored forms at ``ratio``, with the calibration statistics it needs, allocated as
+    """A closed-form method's stored forms within ``target``, with the calibration statistics it needs, allocated as
     ``choice`` asks, then fine-tuned if it asks (``damage``: a callable giving the allocator's measure, only
     called for a measured plan). The plan is printed before anything is compressed, and returned (None for uniform)."""
     check_tune(choice)
@@ -33,16 +33,15 @@ def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: l
         stats = calibration.stats(groups, kind)
     rows = {g.name: extract_rows(model, g) for g in groups}
 
-    def compress_at(group: WeightGroup, at: float) -> StoredForm:
+    def compress_at(group: WeightGroup, at: Budget) -> StoredForm:
         return catalogue.compress(choice.method, group, rows[group.name], at, stats.get(group.name), **choice.options)
 
-    ratios, chosen = {g.name: ratio for g in groups}, None
+    budgets, chosen = {g.name: target for g in groups}, None
     if choice.allocation != "uniform" and catalogue.get(choice.method).budgeted:
-        chosen = allocation.plan(model, groups, rows, compress_at, damage(), BITS_PER_ORIGINAL / ratio,
-                                 choice.allocation)
+        chosen = allocation.plan(model, groups, rows, compress_at, damage(), target, choice.allocation)
         print(chosen.table(groups), flush=True)
-        ratios = chosen.ratios()
-    forms = [compress_at(g, ratios[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
+        budgets = chosen.budgets()
+    forms = [compress_at(g, budgets[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
     return tuned(model, calibration, choice, forms), chosen
 
 

@@ -1,4 +1,4 @@
-"""The one place where stored size is counted.
+"""The one place where stored size is counted, and the one vocabulary of budgets.
 
 Every compressor's stored form is a set of tensors (latents, decoder weights
 and biases, norms, factors...). Its cost is what those tensors hold, counted
@@ -7,12 +7,18 @@ The ratio is the original float32 bytes over the stored bytes; for stored forms
 kept in float32 that is the same as original numbers over stored numbers.
 Methods that store fewer bits (quantization, pruning masks, low-precision
 latents) are counted by their bytes.
+
+A budget travels as one :class:`Budget` (stored bits per original weight, held exactly)
+from the command line or config down to the method, and becomes bytes in exactly one
+place, :meth:`Budget.bytes`. A ratio is only another way to write it at the edge.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -34,21 +40,66 @@ BITS_PER_ORIGINAL = 8 * ORIGINAL_BYTES_PER_NUMBER
 """Bits of one original (float32) weight: the ceiling of every budget in bits per weight."""
 
 
+def _exact(value: float | Fraction) -> Fraction:
+    """The number a float was written as (its shortest decimal), exactly: 0.1 is 1/10, not 3602879701896397/2**55."""
+    return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A storage budget: stored bits per original weight, exact, the one unit from the edge to a method.
+
+    It is held as a fraction of the decimals the user wrote (``2.5`` bits is 5/2, ``ratio 12.8`` is
+    32 / (64/5) = 5/2 bits), so a budget written as a ratio and the same budget written in bits
+    grant exactly the same bytes, with no float rounding between them.
+    """
+
+    bits: Fraction
+
+    @classmethod
+    def of_bits(cls, bits: float | Fraction, what: str = "bits per weight") -> Budget:
+        """A budget given in bits per weight; one clear error outside (0, 32)."""
+        if isinstance(bits, bool) or not isinstance(bits, int | float | Fraction) or not 0 < bits < BITS_PER_ORIGINAL:
+            raise AECompressError(f"{what} {bits!r} must be above 0 and below {BITS_PER_ORIGINAL} "
+                                  f"(a float32 weight is {BITS_PER_ORIGINAL} bits)")
+        return cls(_exact(bits))
+
+    @classmethod
+    def of_ratio(cls, ratio: float, what: str = "compression ratio") -> Budget:
+        """A budget given as original float32 bytes over stored bytes (``ratio = 32 / bits``)."""
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float | Fraction) or not ratio > 1 or math.isinf(ratio):
+            raise AECompressError(f"{what} must be greater than 1, got {ratio}")
+        return cls(BITS_PER_ORIGINAL / _exact(ratio))
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """A budget from :meth:`text` (how configs and checkpoints carry it exactly)."""
+        return cls.of_bits(Fraction(text))
+
+    @property
+    def text(self) -> str:
+        """The exact bits per weight as text (``16/5``), for configs and checkpoints."""
+        return str(self.bits)
+
+    @property
+    def ratio(self) -> float:
+        """The same budget as a ratio, for display and for metadata written before budgets were bits."""
+        return float(BITS_PER_ORIGINAL / self.bits)
+
+    def bytes(self, rows: int, width: int) -> int:
+        """The most bytes a stored form of a (rows x width) matrix may keep: where a budget becomes bytes.
+
+        Granted in whole float32 numbers (a multiple of 4 bytes), as every budget always was.
+        """
+        return math.floor(rows * width * self.bits / BITS_PER_ORIGINAL) * ORIGINAL_BYTES_PER_NUMBER
+
+    def __str__(self) -> str:
+        return f"{float(self.bits):.4g} bits per weight (ratio {self.ratio:.4g})"
+
+
 def original_bytes(rows: int, width: int) -> int:
     """Bytes of a (rows x width) matrix in float32, the reference for every ratio."""
     return rows * width * ORIGINAL_BYTES_PER_NUMBER
-
-
-def budget_bytes(rows: int, width: int, ratio: float) -> int:
-    """The most bytes a stored form of a (rows x width) matrix may keep at ``ratio``."""
-    return budget_numbers(rows, width, ratio) * ORIGINAL_BYTES_PER_NUMBER
-
-
-def budget_numbers(rows: int, width: int, ratio: float) -> int:
-    """The most numbers a stored form of a (rows x width) matrix may keep at ``ratio``."""
-    if not ratio > 1:
-        raise AECompressError(f"compression ratio must be greater than 1, got {ratio}")
-    return math.floor(rows * width / ratio)
 
 
 def largest_fitting(cost: Callable[[int], int], budget: int, upper: int) -> int | None:
@@ -65,32 +116,23 @@ def largest_fitting(cost: Callable[[int], int], budget: int, upper: int) -> int 
     return lo
 
 
-def infeasible(group: str, rows: int, width: int, ratio: float, smallest_cost: int, what: str) -> AECompressError:
-    """The error for a ratio this group cannot reach, stating the feasible range."""
-    max_ratio = rows * width / smallest_cost
-    feasible = f"feasible ratios are 1 < ratio <= {max_ratio:.2f}" if max_ratio > 1 else "no ratio above 1 is feasible"
-    return AECompressError(
-        f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
-        f"the smallest stored form keeps {smallest_cost} numbers; {feasible}"
-    )
-
-
 def packed_bytes(count: int, bits: int) -> int:
     """Bytes that ``count`` codes of ``bits`` bits each take, packed end to end into uint8."""
     return math.ceil(count * bits / 8)
 
 
-def infeasible_bytes(group: str, rows: int, width: int, ratio: float, smallest_bytes: int, what: str) -> AECompressError:
-    """The error for a ratio this group cannot reach, with the smallest form counted in bytes.
+def infeasible_bytes(group: str, rows: int, width: int, budget: Budget, smallest_bytes: int, what: str) -> AECompressError:
+    """The error for a budget this group cannot reach, with the smallest form counted in bytes.
 
-    The budget is granted in whole float32 numbers (see :func:`budget_bytes`), so
-    the highest feasible ratio is the one whose budget still holds ``smallest_bytes``.
+    The bound is stated in bits per weight and as a ratio, rounded so that it is always feasible.
     """
-    max_ratio = rows * width / math.ceil(smallest_bytes / ORIGINAL_BYTES_PER_NUMBER)
-    max_ratio = math.floor(max_ratio * 100) / 100  # rounded down, so the stated bound is always feasible
+    numbers = math.ceil(smallest_bytes / ORIGINAL_BYTES_PER_NUMBER)  # budgets are granted in whole float32 numbers
+    least_bits = math.ceil(BITS_PER_ORIGINAL * numbers / (rows * width) * 1000) / 1000
+    max_ratio = math.floor(rows * width / numbers * 100) / 100
     return AECompressError(
-        f"ratio {ratio} is infeasible for group {group!r} ({rows} x {width}) with {what}: "
-        f"the smallest stored form takes {smallest_bytes} bytes; feasible ratios are 1 < ratio <= {max_ratio:.2f}"
+        f"{budget} is infeasible for group {group!r} ({rows} x {width}) with {what}: the smallest stored form "
+        f"takes {smallest_bytes} bytes; feasible budgets are {least_bits:.3f} <= bits per weight < {BITS_PER_ORIGINAL} "
+        f"(feasible ratios are 1 < ratio <= {max_ratio:.2f})"
     )
 
 

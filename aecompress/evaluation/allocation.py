@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight
+from aecompress.core.budget import BITS_PER_ORIGINAL, Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
@@ -60,9 +60,9 @@ class Plan:
     def stored_bytes(self) -> int:
         return sum(c.stored_bytes for c in self.choices)
 
-    def ratios(self) -> dict[str, float]:
-        """Group name -> the ratio this plan gives it."""
-        return {c.group: c.ratio for c in self.choices}
+    def budgets(self) -> dict[str, Budget]:
+        """Group name -> the budget this plan gives it."""
+        return {c.group: Budget.of_bits(c.bits) for c in self.choices}
 
     def to_dict(self) -> dict:
         return {"target_bits": self.target_bits, "kind": self.kind, "choices": [asdict(c) for c in self.choices]}
@@ -91,7 +91,7 @@ def sensitivities(model, groups: list[WeightGroup], rows: dict[str, object], com
     jobs = [(g, s * bits) for g in groups for s in SCALES if s * bits < BITS_PER_ORIGINAL]
     for group, level in tqdm(jobs, desc="allocation", unit="size", leave=False):
         try:
-            form = compress_at(group, BITS_PER_ORIGINAL / level)
+            form = compress_at(group, Budget.of_bits(level))
         except AECompressError:
             continue
         with substituted(model, decode_all([form]), originals={group.name: rows[group.name]}):
@@ -133,23 +133,24 @@ def solve(curves: Curves, budget: int, target: float) -> dict[str, tuple[float, 
 
 
 def plan(model, groups: list[WeightGroup], rows: dict[str, object], compress_at: Compressor,
-         damage: Callable[[], float], bits: float, kind: str = "measured") -> Plan:
-    """The allocation of ``bits`` per weight over ``groups``: ``uniform``, or ``measured`` by sensitivity per byte.
+         damage: Callable[[], float], target: Budget, kind: str = "measured") -> Plan:
+    """The allocation of ``target`` over ``groups``: ``uniform``, or ``measured`` by sensitivity per byte.
 
     Args:
         model: the model, compressed one group at a time while measuring (restored after each).
         groups: the groups sharing the budget.
         rows: each group's original rows (to restore).
-        compress_at: ``(group, ratio) -> stored form``: the method, or the factorization an autoencoder starts from.
+        compress_at: ``(group, budget) -> stored form``: the method, or the factorization an autoencoder starts from.
         damage: how far the model's outputs are from the original's now (lower is better).
-        bits: the target bits per weight; the total budget is what uniform allocation stores.
+        target: the budget; the total is what uniform allocation stores.
         kind: ``uniform`` or ``measured``.
     """
     if kind not in ALLOCATIONS:
         raise AECompressError(f"unknown allocation {kind!r}; valid: {', '.join(ALLOCATIONS)}")
+    bits = float(target.bits)
     if kind == "uniform":
-        forms = {g.name: compress_at(g, BITS_PER_ORIGINAL / bits) for g in groups}
-        return Plan(bits, kind, [Choice(g.name, bits, BITS_PER_ORIGINAL / bits, forms[g.name].bytes, float("nan"))
+        forms = {g.name: compress_at(g, target) for g in groups}
+        return Plan(bits, kind, [Choice(g.name, bits, target.ratio, forms[g.name].bytes, float("nan"))
                                  for g in groups])
     curves = sensitivities(model, groups, rows, compress_at, damage, bits)
     budget = sum(p[1] for c in curves.values() for p in c if abs(p[0] - bits) < 1e-9)

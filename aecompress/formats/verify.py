@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from aecompress.core.budget import budget_bytes, original_bytes
+from aecompress.core.budget import Budget, original_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.formats.compact import check_members, check_remaining, stored_forms, verified_tensors
 from aecompress.formats.sidecar import COMPRESSED, REMAINING, read_compact
@@ -53,7 +53,7 @@ def check_compact(directory: str | Path) -> dict:
         if not torch.isfinite(rows).all():
             raise AECompressError(f"group {form.group.name!r} decodes to NaN or inf")
         target = form.meta.get("target_ratio")
-        if target and form.bytes > budget_bytes(form.group.rows, form.group.width, float(target)):
+        if target and form.bytes > Budget.of_ratio(float(target)).bytes(form.group.rows, form.group.width):
             raise AECompressError(
                 f"group {form.group.name!r} stores {form.bytes} bytes, over its budget at target ratio {target}"
             )

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from aecompress.core.budget import budget_bytes
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
@@ -77,17 +77,17 @@ def compress(
     method: str,
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float | None,
+    target: Budget | None,
     stats: GroupStats | None = None,
     **opts,
 ) -> StoredForm:
-    """Compress one weight group with a closed-form method at a target ratio.
+    """Compress one weight group with a closed-form method within a budget.
 
     Args:
         method: a name from ``METHODS`` with a compressor (see :func:`compressors`).
         group: the weight group.
         rows: ``core.groups.extract_rows(model, group)``: float32, rows x width.
-        ratio: target compression ratio, original float32 bytes over stored bytes.
+        target: the budget in bits per weight; None for a method whose size is its own (another package's).
         stats: calibration statistics of the group (what the method ``needs``).
         **opts: the method's options (see :func:`options`).
 
@@ -95,7 +95,7 @@ def compress(
         A stored form at or under the byte budget; ``meta`` records what was chosen.
 
     Raises:
-        AECompressError: for an unknown method or option, or a ratio the method
+        AECompressError: for an unknown method or option, or a budget the method
             cannot reach (the message gives the feasible range).
     """
     chosen = get(method)
@@ -105,6 +105,7 @@ def compress(
             f"closed-form methods: {', '.join(compressors())}"
         )
     valid = chosen.options()
+    opts = chosen.current(opts)
     unknown = sorted(set(opts) - set(valid))
     if unknown:
         raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; valid: {', '.join(valid) or '(none)'}")
@@ -112,15 +113,15 @@ def compress(
         raise AECompressError(f"group {group.name!r} has shape {(group.rows, group.width)}, got rows {tuple(rows.shape)}")
     if not torch.isfinite(rows).all():
         raise AECompressError(f"group {group.name!r} holds NaN or inf weights; fix the checkpoint before compressing")
-    form = chosen.compress(group, rows.detach().cpu().float(), ratio, stats, **opts)
+    form = chosen.compress(group, rows.detach().cpu().float(), target, stats, **opts)
     if not chosen.budgeted:  # its size is its own; the accountant counts it all the same
         log.info("%s on %s: %d bytes, ratio %.3f", method, group.name, form.bytes, form.ratio)
         return form
-    budget = budget_bytes(group.rows, group.width, ratio)
+    budget = target.bytes(group.rows, group.width)
     if form.bytes > budget:  # the accountant is the judge; a compressor that overspends is a bug
         raise RuntimeError(f"{method} stored {form.bytes} bytes for {group.name!r}, over its budget of {budget}")
     log.info("%s on %s: %d bytes (budget %d), ratio %.3f (target %.3f)",
-             method, group.name, form.bytes, budget, form.ratio, ratio)
+             method, group.name, form.bytes, budget, form.ratio, target.ratio)
     return form
 
 

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from aecompress.core.budget import infeasible_bytes, largest_fitting
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.codes import SCALE_DTYPE, SCALES_SUFFIX, code_bytes, fake_quant, pack_codes, quantize_rows
 from aecompress.core.dtypes import FLOAT_DTYPES, FloatDtype
 from aecompress.core.errors import AECompressError
@@ -151,9 +151,9 @@ def spec_for_scale(
 
 
 def solve_spec(
-    group: str, rows: int, width: int, budget: int, ratio: float, max_scale: int | None = None, **options
+    group: str, rows: int, width: int, target: Budget, max_scale: int | None = None, **options
 ) -> AESpec:
-    """The largest architecture whose stored bytes fit the byte budget.
+    """The largest architecture whose stored bytes fit the budget.
 
     Storing in half precision doubles the numbers a budget buys, so the
     solved latent size (and so the rank) grows accordingly.
@@ -169,9 +169,9 @@ def solve_spec(
     def cost(scale: int) -> int:
         return spec_for_scale(scale, width, **options).stored_bytes(rows)
 
-    scale = largest_fitting(cost, budget, upper=max_scale or width)
+    scale = largest_fitting(cost, target.bytes(rows, width), upper=max_scale or width)
     if scale is None:
-        raise infeasible_bytes(group, rows, width, ratio, cost(1), f"{options['decoder']} decoder")
+        raise infeasible_bytes(group, rows, width, target, cost(1), f"{options['decoder']} decoder")
     return spec_for_scale(scale, width, **options)
 
 

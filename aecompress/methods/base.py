@@ -10,12 +10,14 @@ evaluation, the run-time form and the benchmark only ever go through that table.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from aecompress.core.budget import Budget
 from aecompress.core.dtypes import FLOAT_DTYPES
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -64,7 +66,8 @@ class Method:
         name: the name stored forms, configs and results use.
         decode: stored form -> its (rows x width) float32 matrix.
         runtime: stored form and member row counts -> its run-time parts (see :data:`Built`).
-        compress: ``(group, rows, ratio, stats, **options) -> StoredForm`` at or under the budget;
+        compress: ``(group, rows, target, stats, **options) -> StoredForm`` at or under ``target``, a
+            :class:`~aecompress.core.budget.Budget`;
             None for a method that is trained (``aecompress fit`` or a benchmark recipe).
         needs: the calibration statistics ``compress`` reads (``covariance``, ``fisher``).
         budgeted: whether ``compress`` meets a byte budget; False for a method whose size is its own
@@ -73,6 +76,7 @@ class Method:
             scale tune (:mod:`aecompress.compress.tuning`) can refine the scales in place.
         defaults: the options ``aecompress compress`` gives it when none are given: its best measured recipe.
         tune_steps: the scale-tune steps ``aecompress compress`` gives it when ``--tune_steps`` is not given.
+        renamed: old option name -> new one, still accepted with a deprecation line (configs written before).
     """
 
     name: str
@@ -84,11 +88,25 @@ class Method:
     tunable: bool = False
     defaults: dict = field(default_factory=dict)
     tune_steps: int = 0
+    renamed: dict = field(default_factory=dict)
 
     @property
     def trained(self) -> bool:
         """Whether forms of this method come from training rather than a closed-form compressor."""
         return self.compress is None
+
+    def current(self, opts: dict) -> dict:
+        """``opts`` with renamed options under their new names, each old name told once as deprecated."""
+        out = dict(opts)
+        for old, new in self.renamed.items():
+            if old not in out:
+                continue
+            if new in out:
+                raise AECompressError(f"method {self.name!r}: give {new!r} only ({old!r} is its old name), not both")
+            warnings.warn(f"option {old!r} of method {self.name!r} is now {new!r} (the code width; budgets are bits "
+                          f"per weight); {old!r} still works for now", FutureWarning, stacklevel=3)
+            out[new] = out.pop(old)
+        return out
 
     def options(self) -> dict[str, object]:
         """The compressor's keyword options and their defaults."""
@@ -111,9 +129,10 @@ def float_dtype(dtype: str, group: WeightGroup, method: str) -> torch.dtype:
     return FLOAT_DTYPES[choice(dtype, tuple(FLOAT_DTYPES), "dtype", group, method)]
 
 
-def meta(ratio: float, budget: int, **extra) -> dict:
-    """A stored form's metadata: the target it was made for, its byte budget, and what was chosen."""
-    return {"target_ratio": ratio, "budget_bytes": budget, **extra}
+def meta(target: Budget | None, budget: int, **extra) -> dict:
+    """A stored form's metadata: the target it was made for (as the ratio every export has recorded),
+    its byte budget, and what was chosen."""
+    return {"target_ratio": None if target is None else target.ratio, "budget_bytes": budget, **extra}
 
 
 def item_size(dtype: torch.dtype) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -107,10 +107,10 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
-    bits: int | None = None,
+    code_bits: int | None = None,
     group_size: int | str | None = None,
     dtype: FloatDtype = "float16",
     damp: float = 0.01,
@@ -119,15 +119,15 @@ def compress(
     grid: str = "mse",
     zeros: str = "int",
 ) -> StoredForm:
-    """Codes of ``bits`` bits (default: the most that fit) per ``group_size`` columns, error-compensated.
+    """Codes of ``code_bits`` bits (default: the most that fit) per ``group_size`` columns, error-compensated.
 
     Args:
-        bits: code width in 1..8; ``None`` takes the largest that fits the budget.
+        code_bits: code width in 1..8; ``None`` takes the largest that fits the budget (formerly ``bits``).
         group_size: columns sharing one scale and zero point (e.g. 64); must divide the width;
             ``None``: one per row; ``auto``: the first of :data:`AUTO_GROUP_SIZES` that divides it.
         dtype: the stored dtype of each scale and zero point.
         damp: ridge added to the input second moment, relative to its mean diagonal.
-        fill: widen by one bit the rows that gain most, as many as the bytes left by ``bits`` allow.
+        fill: widen by one bit the rows that gain most, as many as the bytes left by ``code_bits`` allow.
         order: ``natural`` (left to right) or ``activation`` (largest input second moment first, as
             GPTQ's act-order with static groups).
         grid: ``mse`` (each group's clipped range with least rounding error) or ``minmax`` (its own range).
@@ -149,14 +149,14 @@ def compress(
     kind = quantize.check_grid(grid, "compensated", zeros)
     if not isinstance(fill, bool):
         raise AECompressError(f"compensated fill must be true or false, got {fill!r}")
-    budget = budget_bytes(m, n, ratio)
+    budget = target.bytes(m, n)
 
     def cost(k: int) -> int:
         return quantize.code_cost(m, n, k, group_size, store, zeros)
 
-    chosen = largest_fitting(cost, budget, MAX_BITS) if bits is None else bits
+    chosen = largest_fitting(cost, budget, MAX_BITS) if code_bits is None else code_bits
     if chosen is None or cost(chosen) > budget:
-        raise infeasible_bytes(group.name, m, n, ratio, cost(chosen or 1), f"compensated ({chosen or 1} bits, {dtype})")
+        raise infeasible_bytes(group.name, m, n, target, cost(chosen or 1), f"compensated ({chosen or 1} bits, {dtype})")
     count = (mixed_rows.most_wide(m, n, chosen, group_size, store, budget, zeros)
              if fill and chosen < MAX_BITS else 0)
     wide = _widest(rows, stats, chosen, count, group_size, store, kind, zeros) if count else torch.zeros(m, dtype=torch.bool)
@@ -167,7 +167,7 @@ def compress(
         tensors = mixed_rows.tensors(codes, wide, chosen, scale, zero, zeros)
     else:
         tensors = quantize.stored(codes, chosen, scale, zero, zeros)
-    return StoredForm("compensated", group, tensors, meta(ratio, budget, bits=chosen, dtype=dtype,
+    return StoredForm("compensated", group, tensors, meta(target, budget, bits=chosen, dtype=dtype,
                                                           group_size=group_size, damp=damp, wide_rows=count,
                                                           order=order, grid=kind, zeros=zeros))
 
@@ -183,5 +183,5 @@ def decode(form: StoredForm) -> torch.Tensor:
 
 
 METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",), tunable=True,
-                defaults={"group_size": "auto", "fill": True}, tune_steps=100)
+                defaults={"group_size": "auto", "fill": True}, tune_steps=100, renamed={"bits": "code_bits"})
 """Its defaults and tune steps are the best whole-model recipe measured on validation (docs/results.md)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
@@ -51,7 +52,7 @@ def _stored(entry: list[dict], param: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def compress(group: WeightGroup, rows: torch.Tensor, ratio: float, stats: GroupStats | None = None, *,
+def compress(group: WeightGroup, rows: torch.Tensor, target: Budget | None, stats: GroupStats | None = None, *,
              path: str = "") -> StoredForm:
     """The peer's stored tensors for the group's weights (shapes only), read from its manifest.
 
@@ -69,7 +70,7 @@ def compress(group: WeightGroup, rows: torch.Tensor, ratio: float, stats: GroupS
             raise AECompressError(f"{member.param!r} is part of a fused weight; a peer's size is per whole weight")
         tensors.update(_stored(entry, member.param))
     info = {k: v for k, v in data.items() if k not in ("stored", "dense")}
-    return StoredForm("external", group, tensors, meta(ratio, 0, path=str(Path(path).resolve()), **info))
+    return StoredForm("external", group, tensors, meta(target, 0, path=str(Path(path).resolve()), **info))
 
 
 def _dense_files(directory: Path) -> dict[str, Path]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.codes import BITS, SCALES_SUFFIX, code_bytes, pack_codes, quantize_rows, runtime_values
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -106,7 +106,7 @@ def factorize(
     method: str,
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     sharing: str,
     allocation: str,
     dtype: str,
@@ -128,7 +128,7 @@ def factorize(
     wanted = code_bits(codes, group, method)
     balanced = choice(layout, ("balanced", "plain"), "layout", group, method) == "balanced"
     item = item_size(store)
-    budget = budget_bytes(group.rows, group.width, ratio)
+    budget = target.bytes(group.rows, group.width)
     w = rows.double()
     parts = [w] if sharing == "group" else _member_slices(group, w, stats)
     blocks = [Factorization(part, scale, chol) for part, scale, chol in zip(parts, row_scales, chols)]
@@ -141,7 +141,7 @@ def factorize(
 
         bits = min(BITS, key=smallest_at) if wanted == 0 else wanted  # auto: the cheapest width at rank 1
         smallest = smallest_at(bits)
-        raise infeasible_bytes(group.name, group.rows, group.width, ratio, smallest,
+        raise infeasible_bytes(group.name, group.rows, group.width, target, smallest,
                                f"{method} rank 1 ({dtype}{f', {bits}-bit codes' if bits else ''})")
     bits = next(iter(fitting)) if len(fitting) == 1 else pick_bits(
         {b: list(zip(blocks, ranks)) for b, ranks in fitting.items()}, balanced)
@@ -160,7 +160,7 @@ def factorize(
             b = b.to(store).contiguous()
             alphas.append(alpha)
         tensors[f"B{suffix}"] = b
-    info = meta(ratio, budget, sharing=sharing, ranks=ranks, rows=[b.rows for b in blocks], dtype=dtype,
+    info = meta(target, budget, sharing=sharing, ranks=ranks, rows=[b.rows for b in blocks], dtype=dtype,
                  codes=codes if bits is None else f"int{bits}", **extra)
     if alphas:
         info.update(layout=layout, gain_exponents=alphas)

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from aecompress.core.budget import Budget
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -44,7 +45,7 @@ def _fisher_scale(c: torch.Tensor, group: WeightGroup) -> torch.Tensor:
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     sharing: Sharing = "group",
@@ -79,7 +80,7 @@ def compress(
         scales = [torch.cat(scales)] if blocks == 1 else scales
     else:
         scales = [_fisher_scale(weights, group)]
-    return factorize("fwsvd", group, rows, ratio, sharing, allocation, dtype, scales, [None] * blocks, {}, stats,
+    return factorize("fwsvd", group, rows, target, sharing, allocation, dtype, scales, [None] * blocks, {}, stats,
                       codes, layout)
 
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -56,7 +56,7 @@ def _cost(rank: int, m: int, n: int, m1: int, n1: int, item: int) -> int:
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     shape: tuple[int, int] | None = None,
@@ -71,7 +71,7 @@ def compress(
     """
     store = float_dtype(dtype, group, "kronecker")
     item, m, n = item_size(store), group.rows, group.width
-    budget = budget_bytes(m, n, ratio)
+    budget = target.bytes(m, n)
     if shape is not None:
         m1, n1 = (int(s) for s in shape)
         if m1 < 1 or n1 < 1 or m % m1 or n % n1:
@@ -92,14 +92,14 @@ def compress(
             best = (error, m1, n1, rank)
     if best is None:
         smallest = min(_cost(1, m, n, m1, n1, item) for m1, n1 in candidates) if candidates else m * n * item
-        raise infeasible_bytes(group.name, m, n, ratio, smallest, f"kronecker rank 1 ({dtype})")
+        raise infeasible_bytes(group.name, m, n, target, smallest, f"kronecker rank 1 ({dtype})")
     _, m1, n1, rank = best
     u, s, vh = torch.linalg.svd(rearrange(w, m1, n1), full_matrices=False)
     root = s[:rank].sqrt()
     a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
     b = (vh[:rank] * root.unsqueeze(1)).reshape(rank, m // m1, n // n1)
     tensors = {"A": a.to(store).contiguous(), "B": b.to(store).contiguous()}
-    return StoredForm("kronecker", group, tensors, meta(ratio, budget, shape=[m1, n1], rank=rank, dtype=dtype))
+    return StoredForm("kronecker", group, tensors, meta(target, budget, shape=[m1, n1], rank=rank, dtype=dtype))
 
 
 class KroneckerFactors(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting, packed_bytes
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting, packed_bytes
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -41,7 +41,7 @@ def position_costs(rows: int, width: int, kept: int) -> dict[str, int]:
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     dtype: FloatDtype = "float32",
@@ -57,7 +57,7 @@ def compress(
     """
     store = float_dtype(dtype, group, "prune")
     m, n = group.rows, group.width
-    budget = budget_bytes(m, n, ratio)
+    budget = target.bytes(m, n)
     item = item_size(store)
 
     def cost(k: int) -> int:
@@ -65,7 +65,7 @@ def compress(
 
     kept = largest_fitting(cost, budget, m * n)
     if kept is None:
-        raise infeasible_bytes(group.name, m, n, ratio, cost(1), f"prune ({dtype} values)")
+        raise infeasible_bytes(group.name, m, n, target, cost(1), f"prune ({dtype} values)")
     costs = position_costs(m, n, kept)
     encoding = min(costs, key=lambda k: (costs[k], list(costs).index(k)))
     flat = rows.flatten()
@@ -80,7 +80,7 @@ def compress(
     else:
         tensors["columns"] = (positions % n).to(index_dtype(n - 1))
         tensors["counts"] = torch.bincount(positions // n, minlength=m).to(index_dtype(n))
-    return StoredForm("prune", group, tensors, meta(ratio, budget, kept=kept, positions=encoding, dtype=dtype))
+    return StoredForm("prune", group, tensors, meta(target, budget, kept=kept, positions=encoding, dtype=dtype))
 
 
 class PrunedRows(RowSource):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting, packed_bytes
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting, packed_bytes
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -154,10 +154,10 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
-    bits: int | None = None,
+    code_bits: int | None = None,
     dtype: FloatDtype = "float32",
     group_size: int | None = None,
     grid: str = "minmax",
@@ -166,7 +166,7 @@ def compress(
     """Asymmetric k-bit round-to-nearest quantization: ``W' = zero + scale * code``, per row or per group of columns.
 
     Args:
-        bits: code width in 1..8; ``None`` takes the largest that fits the budget.
+        code_bits: code width in 1..8; ``None`` takes the largest that fits the budget (formerly ``bits``).
         dtype: the stored dtype of each scale and zero point.
         group_size: columns sharing one scale and zero point (e.g. 64, as GPTQ and HQQ use);
             ``None``: one per row. Must divide the width.
@@ -176,7 +176,7 @@ def compress(
     store = float_dtype(dtype, group, "quantize")
     kind = check_grid(grid, "quantize", zeros)
     m, n = group.rows, group.width
-    budget = budget_bytes(m, n, ratio)
+    budget = target.bytes(m, n)
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or n % group_size):
         raise AECompressError(f"quantize group_size {group_size!r} must divide group {group.name!r}'s width {n}")
     g = group_size or n
@@ -184,14 +184,15 @@ def compress(
     def cost(k: int) -> int:
         return code_cost(m, n, k, g, store, zeros)
 
+    bits = code_bits
     if bits is None:
         bits = largest_fitting(cost, budget, MAX_BITS)
         if bits is None:
-            raise infeasible_bytes(group.name, m, n, ratio, cost(1), f"quantize (1 bit, {dtype} scales)")
+            raise infeasible_bytes(group.name, m, n, target, cost(1), f"quantize (1 bit, {dtype} scales)")
     elif not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise AECompressError(f"bits must be an integer in 1..{MAX_BITS} for group {group.name!r}, got {bits!r}")
+        raise AECompressError(f"code_bits must be an integer in 1..{MAX_BITS} for group {group.name!r}, got {bits!r}")
     elif cost(bits) > budget:
-        raise infeasible_bytes(group.name, m, n, ratio, cost(bits), f"quantize ({bits} bits, {dtype} scales)")
+        raise infeasible_bytes(group.name, m, n, target, cost(bits), f"quantize ({bits} bits, {dtype} scales)")
     levels = 2**bits - 1
     w = rows.float().reshape(m, n // g, g)
     scale, zero = fitted(w, levels, store, kind, zeros)
@@ -202,7 +203,7 @@ def compress(
     tensors = stored(codes, bits, scale, zero, zeros)
     extra = ({} if group_size is None else {"group_size": group_size}) | ({} if kind == "minmax" else {"grid": kind}) \
         | ({} if zeros == "float" else {"zeros": zeros})
-    return StoredForm("quantize", group, tensors, meta(ratio, budget, bits=bits, dtype=dtype, **extra))
+    return StoredForm("quantize", group, tensors, meta(target, budget, bits=bits, dtype=dtype, **extra))
 
 
 class QuantizedRows(RowSource):
@@ -244,4 +245,4 @@ def decode(stored: StoredForm) -> torch.Tensor:
     return source.decode()
 
 
-METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress, tunable=True)
+METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress, tunable=True, renamed={"bits": "code_bits"})

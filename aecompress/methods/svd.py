@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from aecompress.core.budget import Budget
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
@@ -27,7 +28,7 @@ from aecompress.methods.factors import (
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     sharing: Sharing = "group",
@@ -52,7 +53,7 @@ def compress(
     """
     blocks = block_count(group, sharing, "svd")
     choice(allocation, ("uniform", "greedy"), "allocation", group, "svd")
-    return factorize("svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, [None] * blocks, {}, stats,
+    return factorize("svd", group, rows, target, sharing, allocation, dtype, [None] * blocks, [None] * blocks, {}, stats,
                       codes, layout)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aecompress.core.budget import budget_bytes, infeasible_bytes, largest_fitting
+from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -72,7 +72,7 @@ def _choose(t: torch.Tensor, full: torch.Tensor, budget: int, item: int) -> tupl
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     iterations: int = 2,
@@ -92,11 +92,11 @@ def compress(
             f"{group.rows} rows from {layers} matrices (iterations {iterations!r})"
         )
     t = rows.double().reshape(layers, group.rows // layers, group.width)
-    budget = budget_bytes(group.rows, group.width, ratio)
+    budget = target.bytes(group.rows, group.width)
     factors = [_leading(t, mode) for mode in range(3)]
     ranks = _choose(t, core_of(t, *factors), budget, item)
     if ranks is None:
-        raise infeasible_bytes(group.name, group.rows, group.width, ratio, _cost((1, 1, 1), tuple(t.shape), item),
+        raise infeasible_bytes(group.name, group.rows, group.width, target, _cost((1, 1, 1), tuple(t.shape), item),
                                f"tucker ranks (1, 1, 1) ({dtype})")
     factors = [f[:, :k] for f, k in zip(factors, ranks)]
     for _ in range(iterations):  # HOOI: each basis from the tensor projected on the other two
@@ -105,7 +105,7 @@ def compress(
             factors[mode] = _leading(core_of(t, *others), mode, ranks[mode])
     core = core_of(t, *factors)
     tensors = {"core": core.to(store).contiguous(), **{f"U{i + 1}": f.to(store).contiguous() for i, f in enumerate(factors)}}
-    return StoredForm("tucker", group, tensors, meta(ratio, budget, ranks=list(ranks), iterations=iterations, dtype=dtype))
+    return StoredForm("tucker", group, tensors, meta(target, budget, ranks=list(ranks), iterations=iterations, dtype=dtype))
 
 
 class TuckerBases(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from aecompress.core.budget import Budget
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -30,7 +31,7 @@ from aecompress.methods.factors import (
 def compress(
     group: WeightGroup,
     rows: torch.Tensor,
-    ratio: float,
+    target: Budget,
     stats: GroupStats | None = None,
     *,
     sharing: Sharing = "group",
@@ -69,7 +70,7 @@ def compress(
     whitened = [whitening(c, damp, stats.tokens, group.name) for c in covs]
     chols = [w[0] for w in whitened]
     used = max(w[1] for w in whitened)
-    return factorize("whitened_svd", group, rows, ratio, sharing, allocation, dtype, [None] * blocks, chols,
+    return factorize("whitened_svd", group, rows, target, sharing, allocation, dtype, [None] * blocks, chols,
                       {"damp": used, "tokens": stats.tokens}, stats, codes, layout)
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import aecompress.methods as methods
-from aecompress.core.budget import BITS_PER_ORIGINAL, budget_numbers
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
 from aecompress.core.selection import Mode, select_groups
@@ -33,9 +33,6 @@ from aecompress.formats.lazy import checkpoint_keys, open_lazy, read_rows
 from aecompress.formats.sources import ModelClass, load_model
 
 log = logging.getLogger(__name__)
-
-"""Bits of a float32 weight: a budget of ``b`` bits per weight is ratio ``32 / b``."""
-
 
 _PRELOADED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("aecompress_preloaded", default=None)
 
@@ -55,18 +52,21 @@ def preloaded(name: str, model, source: str, auto_class: str) -> Iterator[None]:
         _PRELOADED.reset(token)
 
 
-def target_ratio(ratio: float | None, bits_per_weight: float | None) -> float:
-    """The per-group target ratio a config asks for, by ratio or by bits per weight (default ratio 10)."""
+def requested_budget(ratio: float | None, bits_per_weight: float | None) -> Budget:
+    """The per-group budget a config asks for, in bits per weight or as a ratio (default ratio 10)."""
     if ratio is not None and bits_per_weight is not None:
         raise AECompressError(f"give data.ratio ({ratio}) or data.bits_per_weight ({bits_per_weight}), not both")
     if bits_per_weight is not None:
-        if not 0 < bits_per_weight < BITS_PER_ORIGINAL:
-            raise AECompressError(f"data.bits_per_weight must be in (0, {BITS_PER_ORIGINAL}), got {bits_per_weight}")
-        return BITS_PER_ORIGINAL / bits_per_weight
-    ratio = 10.0 if ratio is None else ratio
-    if not ratio > 1:
-        raise AECompressError(f"data.ratio must be greater than 1, got {ratio}")
-    return float(ratio)
+        return Budget.of_bits(bits_per_weight, "data.bits_per_weight")
+    return Budget.of_ratio(10.0 if ratio is None else ratio, "data.ratio")
+
+
+def budget_options(target: Budget) -> dict[str, float | None]:
+    """The ``data.*`` options that ask for exactly ``target``: bits where a float holds them exactly, else a ratio."""
+    bits = float(target.bits)
+    if Budget.of_bits(bits) == target:
+        return {"bits_per_weight": bits, "ratio": None}
+    return {"ratio": target.ratio, "bits_per_weight": None}
 
 
 class RowsDataset(Dataset):
@@ -160,13 +160,13 @@ class WeightRowsDataModule(L.LightningDataModule):
         lazy: bool = True,
     ):
         super().__init__()
-        ratio = target_ratio(ratio, bits_per_weight)
+        target = requested_budget(ratio, bits_per_weight)
         if batch_size < 0 or val_batch_size < 1:
             raise AECompressError(
                 f"data.batch_size must be >= 0 (0: all rows) and val_batch_size >= 1, got {batch_size} and {val_batch_size}"
             )
         self.model_name = model
-        self.ratio = ratio
+        self.budget = target
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -200,32 +200,28 @@ class WeightRowsDataModule(L.LightningDataModule):
         self.train_on = train_on
         self._check_finite()
         self.weights = self._row_weights(row_weights)
-        ratios = self._allocate(allocation, ratio)
-        self.group_specs = [
-            {**g.to_dict(), "budget": budget_numbers(g.rows, g.width, ratios[g.name]), "ratio": ratios[g.name],
-             "target_ratio": ratio}
-            for g in self.groups
-        ]
+        budgets = self._allocate(allocation, target)
+        self.group_specs = [{**g.to_dict(), "bits": budgets[g.name].text, "target_bits": target.text} for g in self.groups]
         for g in self.groups:
             log.info("group %s: %d rows x %d (%d matrices)", g.name, g.rows, g.width, len(g.members))
 
-    def _allocate(self, kind: str, ratio: float) -> dict[str, float]:
-        """Each group's ratio: the target, or a measured plan's (see :mod:`aecompress.evaluation.allocation`)."""
+    def _allocate(self, kind: str, target: Budget) -> dict[str, Budget]:
+        """Each group's budget: the target, or a measured plan's (see :mod:`aecompress.evaluation.allocation`)."""
         if kind == "uniform" or len(self.groups) < 2:
-            return {g.name: ratio for g in self.groups}
+            return {g.name: target for g in self.groups}
         if kind != "measured":
             raise AECompressError(f"data.allocation {kind!r} is not valid; valid: uniform, measured")
         calibration = self.calibration()
         stats = calibration.stats(self.groups, "covariance")
 
-        def start(group: WeightGroup, at: float):
+        def start(group: WeightGroup, at: Budget):
             return methods.compress("whitened_svd", group, self.rows[group.name], at, stats[group.name],
                                     dtype="float16", codes="auto")
 
         damage = allocation.damage_on(self.hf_model, calibration.tokenizer, self.calibration_spec)
-        chosen = allocation.plan(self.hf_model, self.groups, self.rows, start, damage, BITS_PER_ORIGINAL / ratio)
+        chosen = allocation.plan(self.hf_model, self.groups, self.rows, start, damage, target)
         print(chosen.table(self.groups), flush=True)
-        return chosen.ratios()
+        return chosen.budgets()
 
     @property
     def hf_model(self):

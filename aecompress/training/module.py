@@ -11,7 +11,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from aecompress.core.budget import budget_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, substituted_params
 from aecompress.core.stored import StoredForm
@@ -29,7 +28,7 @@ from aecompress.training import checkpoints
 from aecompress.training.checkpoints import SIGNATURE
 from aecompress.training.losses import row_loss, whitened_loss
 from aecompress.training.reconstruction import ReconstructionError
-from aecompress.training.sizing import SpecSizing, group_key
+from aecompress.training.sizing import SpecSizing, group_budget, group_key
 from aecompress.training.start import StartSelection
 from aecompress.training.teacher import Teacher
 
@@ -156,10 +155,9 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         except ValueError as err:
             raise AECompressError(f"model.teacher_top_k: {err}") from None
         self.groups = [WeightGroup.from_dict(g) for g in groups]
-        self.target_ratio = float(groups[0].get("target_ratio", groups[0].get("ratio", 0.0)))
-        # Each group's own ratio: the target, or what an allocation plan gave it.
-        self.ratios = {g["name"]: float(g.get("ratio", self.target_ratio)) for g in groups}
-        self.budgets = {g["name"]: budget_bytes(int(g["rows"]), int(g["width"]), self.ratios[g["name"]]) for g in groups}
+        self.target = group_budget(groups[0], "target")
+        # Each group's own budget: the target, or what an allocation plan gave it.
+        self.budgets = {g["name"]: group_budget(g) for g in groups}
         options = dict(
             encoder=encoder,
             decoder=decoder,
@@ -252,10 +250,12 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
 
     def signature(self) -> dict:
         """What a checkpoint must agree on to be resumed or exported by this config."""
-        planned = {name: r for name, r in self.ratios.items() if r != self.target_ratio}
+        # Written as ratios, as every checkpoint has recorded them, so older checkpoints still match.
+        ratios = {name: b.ratio for name, b in self.budgets.items()}
+        planned = any(b != self.target for b in self.budgets.values())
         return {
-            "target_ratio": self.target_ratio,
-            **({"ratios": self.ratios} if planned else {}),
+            "target_ratio": self.target.ratio,
+            **({"ratios": ratios} if planned else {}),
             "loss": self.loss_kind,
             "init": self.init_kind,
             "groups": {g.name: g.to_dict() for g in self.groups},
@@ -286,6 +286,6 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
             # module in training must stay on its own device and precision.
             ae = copy.deepcopy(self.autoencoder(g.name)).cpu().float()
             tensors = ae.stored_tensors(rows[g.name])
-            meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.ratios[g.name]}
+            meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.budgets[g.name].ratio}
             forms[g.name] = StoredForm("ae", g, tensors, meta)
         return forms

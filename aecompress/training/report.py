@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 import aecompress.methods as methods
-from aecompress.core.budget import bits_per_weight
+from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import sha256
 from aecompress.data.specs import parse_spec
@@ -92,7 +92,7 @@ class FitReport(Callback):
         notes = []
         for name in self.baselines:
             try:
-                candidates[name] = self._baseline(datamodule, name, pl_module.ratios)
+                candidates[name] = self._baseline(datamodule, name, pl_module.budgets)
             except AECompressError as err:
                 notes.append(f"{name}: {err}")
         rows = [{"name": "original", "bits_per_weight": None, **self._score(model, tokenizer, metrics, reference, ids)}]
@@ -106,19 +106,19 @@ class FitReport(Callback):
         counted = f"first {self.max_tokens} tokens" if self.max_tokens else "all of it"
         return {"split": self.data, "metric": metrics[0], "metrics": metrics, "tokens_or_items": counted,
                 "direction": "; ".join(f"{m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics),
-                "model": public_name(datamodule.model_name), "target_ratio": pl_module.target_ratio,
+                "model": public_name(datamodule.model_name), "target_ratio": pl_module.target.ratio,
                 "checkpoint": Path(best).name if best else None,
                 "checkpoint_sha256": sha256(Path(best)) if best else None,
                 "needs_reference": kind == "encoder", "rows": rows, "notes": notes}
 
-    def _baseline(self, datamodule, name: str, ratios: dict[str, float]) -> list:
+    def _baseline(self, datamodule, name: str, budgets: dict[str, Budget]) -> list:
         method = methods.get(name)
         stats = {}
         for kind in method.needs:
             if datamodule.calibration_spec is None:
                 raise AECompressError("needs calibration text (data.calibration)")
             stats = datamodule.calibration().stats(datamodule.groups, kind)
-        return [methods.compress(name, g, datamodule.rows[g.name], ratios[g.name], stats.get(g.name))
+        return [methods.compress(name, g, datamodule.rows[g.name], budgets[g.name], stats.get(g.name))
                 for g in datamodule.groups]
 
     def _score(self, model, tokenizer, metrics: list[str], reference, ids) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """How big each group's autoencoder may be: specs solved from the byte budget, and ``auto`` code widths.
 
 A mixin of :class:`~aecompress.training.module.CompressorModule`: the module holds the
-config (``_options``, ``budgets``, ``target_ratio``) and the built autoencoders; this
+config (``_options``, ``budgets``, ``target``) and the built autoencoders; this
 decides their specs, rebuilds a group when a width is chosen, and adopts the choices a
 checkpoint recorded.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from aecompress.core.budget import original_bytes
+from aecompress.core.budget import Budget, original_bytes
 from aecompress.core.codes import BITS
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -20,6 +20,19 @@ from aecompress.methods.lowbit import pick_bits
 from aecompress.training.checkpoints import SIGNATURE
 
 log = logging.getLogger(__name__)
+
+
+def group_budget(group: dict, which: str = "") -> Budget:
+    """A group's budget from the data module's group entry (``bits``), or the ``target`` (``target_bits``).
+
+    Entries are how the data module hands groups to the module, and they live on in checkpoints'
+    hyperparameters: entries written before budgets were bits carry ``ratio`` and ``target_ratio``.
+    """
+    key = f"{which}_bits" if which else "bits"
+    if key in group:
+        return Budget.parse(group[key])
+    legacy = f"{which}_ratio" if which else "ratio"
+    return Budget.of_ratio(float(group.get(legacy, group.get("ratio", 0.0))))
 
 
 def group_key(name: str) -> str:
@@ -38,7 +51,7 @@ class SpecSizing:
         """
         options = {**self._options, "latent_storage": latent_storage}
         wider = (self.refine_codes if refine is None else refine) and latent_storage.startswith("int")
-        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name], self.ratios[group.name],
+        return solve_spec(group.name, group.rows, group.width, self.budgets[group.name],
                           max_scale=2 * min(group.rows, group.width) if wider else None, **options)
 
     def _fitting_widths(self, group: WeightGroup, refine: bool | None = None) -> dict[int, AESpec]:
@@ -68,8 +81,9 @@ class SpecSizing:
             codes = "" if spec.latent_bits is None else f" (latents {spec.latent_storage})"
             log.info(
                 "group %s: latent %d, decoder %s, stored %d bytes in %s (budget %d), ratio %.3f (target %.3f)",
-                g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype + codes, self.budgets[g.name],
-                original_bytes(g.rows, g.width) / stored, self.ratios[g.name],
+                g.name, spec.latent, spec.decoder_sizes(), stored, spec.dtype + codes,
+                self.budgets[g.name].bytes(g.rows, g.width), original_bytes(g.rows, g.width) / stored,
+                self.budgets[g.name].ratio,
             )
 
     def _adopt(self, group: WeightGroup, spec: AESpec) -> None:
