@@ -1,0 +1,102 @@
+"""The fault matrix, second pass: nothing wrong exits 0 (issue 29).
+
+Each defect here exited 0 with a wrong result or printed a traceback. Each test drives the real
+entry point (or, for a peer's manifest, the method the benchmark calls) and asserts one clear
+error line and a non-zero exit, or the honest outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers
+
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import extract_rows
+from aecompress.core.selection import select_groups
+from aecompress.formats.export import export
+from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
+from aecompress.methods import compress
+from tests.conftest import run_cli
+from tests.test_faults_newcomer import one_line
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_lm) -> Path:
+    """A compact export of the tiny Llama: 3-bit codes with a scale per 16 columns, and its tokenizer."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm["model"])
+    forms = {g.name: compress("quantize", g, extract_rows(model, g), 4.0, bits=3, group_size=16)
+             for g in select_groups(model, ["k_proj", "up_proj"])}
+    out = tmp_path_factory.mktemp("quantized") / "compact"
+    export(model, forms, str(tiny_lm["model"]), "AutoModelForCausalLM", "tiny", str(out), "compact")
+    return out
+
+
+def fresh(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "copy"))
+
+
+def edit_sidecar(directory: Path, change) -> None:
+    """Change the sidecar's content, written in its own layout (so only the content differs)."""
+    meta = json.loads((directory / SIDECAR).read_text())
+    change(meta)
+    (directory / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# --- the sidecar, and every other file of a compact export, is covered by a checksum ----------------
+
+
+def test_one_changed_byte_in_any_file_of_a_compact_export_is_refused(quantized, tmp_path, capsys):
+    names = sorted(p.name for p in quantized.iterdir())
+    assert {SIDECAR, COMPRESSED, REMAINING, "config.json", "README.md", "tokenizer.json"} <= set(names)
+    assert run_cli(capsys, "verify", quantized)[0] == 0
+    for name in names:
+        copy = fresh(quantized, tmp_path)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (copy / name).write_bytes(bytes(data))
+        code, out, err = run_cli(capsys, "verify", copy)
+        assert code == 2 and err.strip().startswith("aecompress: error: ") and len(err.strip().splitlines()) == 1, (
+            name, code, out, err[-500:])
+        shutil.rmtree(copy)
+
+
+def test_an_export_without_its_manifest_is_refused_unless_it_predates_manifests(quantized, tmp_path, capsys):
+    copy = fresh(quantized, tmp_path)
+    (copy / MANIFEST).unlink()
+    one_line(capsys, r"is missing SHA256SUMS, which its aecompress\.json names", "verify", copy)
+    edit_sidecar(copy, lambda meta: meta.pop("manifest"))  # as an export from before manifests
+    code, out, err = run_cli(capsys, "verify", copy)
+    assert code == 0 and "only the tensor files are covered" in out, err[-2000:]
+
+
+def _bits(meta):
+    meta["groups"][0]["meta"]["bits"] = 2
+
+
+def _target(meta):
+    meta["target_ratio"] = 16.0
+
+
+def _source(meta):
+    meta["source_model"] = "another-model"
+
+
+@pytest.mark.parametrize("change", [_bits, _target, _source], ids=["bits", "target_ratio", "source_model"])
+def test_an_edited_sidecar_fails_verify(quantized, tmp_path, capsys, change):
+    copy = fresh(quantized, tmp_path)
+    edit_sidecar(copy, change)
+    one_line(capsys, r".", "verify", copy)
+
+
+def test_a_group_size_that_does_not_divide_the_rows_is_refused_on_load(quantized, tmp_path, capsys):
+    copy = fresh(quantized, tmp_path)
+    edit_sidecar(copy, lambda meta: meta["groups"][0]["meta"].update(group_size=5))
+    one_line(capsys, r"group 'k_proj': group_size 5 does not divide its rows' width 32", "verify", copy)
+    with pytest.raises(AECompressError, match=r"group_size 5 does not divide"):
+        from aecompress import load_compact
+
+        load_compact(copy)
