@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from aecompress.core.errors import AECompressError
@@ -20,7 +21,7 @@ from aecompress.core.selection import select_groups
 from aecompress.formats.export import export
 from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.methods import compress
-from tests.conftest import run_cli
+from tests.conftest import build_tiny, fake_peer, run_cli
 from tests.test_faults_newcomer import one_line
 
 
@@ -100,3 +101,52 @@ def test_a_group_size_that_does_not_divide_the_rows_is_refused_on_load(quantized
         from aecompress import load_compact
 
         load_compact(copy)
+
+
+# --- a peer's manifest is checked against the files its own checkpoint stores -----------------------
+
+
+@pytest.fixture
+def peer(tmp_path) -> tuple[torch.nn.Module, Path]:
+    model = build_tiny("llama")
+    return model, fake_peer(tmp_path, model, ["k_proj"])
+
+
+def _peer_form(model, path: Path):
+    group = select_groups(model, ["k_proj"])[0]
+    return compress("external", group, extract_rows(model, group), 4.0, path=str(path))
+
+
+def _rewrite(path: Path, change) -> None:
+    manifest = path / "aecompress-peer.json"
+    data = json.loads(manifest.read_text())
+    change(data["stored"])
+    manifest.write_text(json.dumps(data))
+
+
+def test_a_peer_manifest_that_matches_its_native_checkpoint_is_counted(peer):
+    model, path = peer
+    assert _peer_form(model, path).bytes > 0
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (lambda s: s.update({k: [{"name": "qweight", "shape": [1], "dtype": "int8"}] for k in s}),
+     r"says .*k_proj\.weight.* stores qweight int8 \[1\], but .*native.* holds int32 \[\d+, \d+\]"),
+    (lambda s: s.update({k: [*v, {"name": "g_idx", "shape": [32], "dtype": "int32"}] for k, v in s.items()}),
+     r"native.* holds no 'model\.layers\.0\.self_attn\.k_proj\.g_idx'"),
+    (lambda s: s.update({k: [] for k in s}), r"lists no stored tensors for 'model\.layers\.0\.self_attn\.k_proj\.weight'"),
+    (lambda s: s.update({k: [{**v[0], "shape": ["eight", 32]}] for k, v in s.items()}),
+     r"shape \['eight', 32\], which is not a list of non-negative integers"),
+], ids=["one_int8_claimed", "tensor_not_in_native", "no_tensors", "non_numeric_shape"])
+def test_a_peer_manifest_that_disagrees_with_its_files_is_one_line(peer, change, pattern):
+    model, path = peer
+    _rewrite(path, change)
+    with pytest.raises(AECompressError, match=pattern):
+        _peer_form(model, path)
+
+
+def test_a_peer_without_its_native_checkpoint_is_refused(peer):
+    model, path = peer
+    shutil.rmtree(path / "native")
+    with pytest.raises(AECompressError, match=r"has no native/ checkpoint"):
+        _peer_form(model, path)
