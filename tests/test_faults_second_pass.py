@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from aecompress.cli import main
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import extract_rows
 from aecompress.core.selection import select_groups
 from aecompress.formats.export import export
 from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.methods import compress
-from tests.conftest import build_tiny, fake_peer, run_cli
+from tests.conftest import build_tiny, fake_peer, run_cli, write_config
+from tests.test_faults import leftovers, spawn, wait_for
 from tests.test_faults_newcomer import one_line
 
 
@@ -150,3 +153,27 @@ def test_a_peer_without_its_native_checkpoint_is_refused(peer):
     shutil.rmtree(path / "native")
     with pytest.raises(AECompressError, match=r"has no native/ checkpoint"):
         _peer_form(model, path)
+
+
+# --- SIGTERM during export ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("second_pass")
+    cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
+    main(["fit", "--config", str(cfg)])
+    return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
+
+
+@pytest.mark.slow
+def test_sigterm_during_export_exits_143(fitted, tmp_path):
+    out = tmp_path / "out"
+    proc = spawn("export", "--config", fitted["cfg"], "--ckpt_path", fitted["ckpt"], "--out_dir", out,
+                 "--format", "compact", hold=True)
+    wait_for(lambda: any(tmp_path.glob(".out.tmp-*/IN-FLIGHT")), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"aecompress: terminated by SIGTERM; {str(out)!r} was not written"
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -106,7 +107,7 @@ def _readable(tmp: Path) -> None:
 
 @contextlib.contextmanager
 def _exit_on_sigterm(target: Path) -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit`` while writing, so the temporary directory is removed.
+    """Turn SIGTERM into ``SystemExit(143)`` while writing, so the temporary directory is removed.
 
     Only where nobody else handles SIGTERM (Lightning installs its own during ``fit``),
     and only in the main thread, where Python runs signal handlers.
@@ -116,7 +117,8 @@ def _exit_on_sigterm(target: Path) -> Iterator[None]:
         return
 
     def stop(signum, frame):
-        raise SystemExit(f"aecompress: terminated by SIGTERM; {str(target)!r} was not written")
+        print(f"aecompress: terminated by SIGTERM; {str(target)!r} was not written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)  # 143, as a shell reports a process SIGTERM ended, and as fit exits
 
     signal.signal(signal.SIGTERM, stop)
     try:
