@@ -155,7 +155,7 @@ def test_a_peer_without_its_native_checkpoint_is_refused(peer):
         _peer_form(model, path)
 
 
-# --- SIGTERM during export ---------------------------------
+# --- fit --ckpt_path on a damaged checkpoint, SIGTERM during export ---------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,14 @@ def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
     cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
     main(["fit", "--config", str(cfg)])
     return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_fit_from_a_damaged_checkpoint_is_one_line(fitted, tmp_path, capsys, damage):
+    data = fitted["ckpt"].read_bytes()
+    (tmp_path / "bad.ckpt").write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    one_line(capsys, r"cannot read checkpoint '.*bad\.ckpt' safely", "fit", "--config", fitted["cfg"],
+             "--ckpt_path", tmp_path / "bad.ckpt", "--trainer.max_epochs", "2")
 
 
 @pytest.mark.slow
