@@ -84,6 +84,17 @@ def write_config(path: Path, model_dir: Path, modules: list[str], workdir: Path,
     return path
 
 
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
+    """A tiny BERT fitted once per test module through the CLI: its config, best checkpoint and work directory."""
+    from aecompress.cli import main
+
+    work = tmp_path_factory.mktemp("fitted")
+    cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
+    main(["fit", "--config", str(cfg)])
+    return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
+
+
 def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
     """A tiny WordPiece tokenizer (one token per character, ``##`` inside words), fully offline."""
     directory.mkdir(parents=True, exist_ok=True)

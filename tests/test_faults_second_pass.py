@@ -16,14 +16,13 @@ import pytest
 import torch
 import transformers
 
-from aecompress.cli import main
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import extract_rows
 from aecompress.core.selection import select_groups
 from aecompress.formats.export import export
 from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.methods import compress
-from tests.conftest import build_tiny, fake_peer, run_cli, write_config
+from tests.conftest import build_tiny, fake_peer, run_cli
 from tests.test_faults import leftovers, spawn, wait_for
 from tests.test_faults_newcomer import one_line
 
@@ -156,14 +155,6 @@ def test_a_peer_without_its_native_checkpoint_is_refused(peer):
 
 
 # --- fit --ckpt_path on a damaged checkpoint, SIGTERM during export ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
-    work = tmp_path_factory.mktemp("second_pass")
-    cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
-    main(["fit", "--config", str(cfg)])
-    return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
