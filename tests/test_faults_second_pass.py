@@ -105,6 +105,51 @@ def test_a_group_size_that_does_not_divide_the_rows_is_refused_on_load(quantized
         load_compact(copy)
 
 
+# --- evaluate --against: each model its own tokenizer, or one line where items must be shared ------
+
+
+def _shuffled_tokenizer_copy(tiny_lm, directory: Path) -> Path:
+    """The tiny Llama's weights beside a tokenizer that numbers the same characters the other way round."""
+    shutil.copytree(tiny_lm["model"], directory)
+    vocab = list(transformers.AutoTokenizer.from_pretrained(tiny_lm["model"]).get_vocab())
+    specials = [t for t in vocab if t.startswith("[")]
+    order = specials + sorted((t for t in vocab if t not in specials), reverse=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (directory / name).unlink(missing_ok=True)
+    transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(order)}, do_lower_case=True).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["other_against", "other_first"])
+def test_against_a_model_with_another_tokenizer_is_refused_for_token_metrics(tiny_lm, tmp_path, capsys, swap):
+    other = _shuffled_tokenizer_copy(tiny_lm, tmp_path / "other")
+    first, second = (other, tiny_lm["model"]) if swap else (tiny_lm["model"], other)
+    code, out, err = run_cli(capsys, "evaluate", "--model", first, "--against", second, "--data",
+                             f"{tiny_lm['text']}:all[:600]", "--window", "32")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("aecompress: error: "), (code, err[-2000:])
+    assert "tokenizes the data differently" in lines[-1] and "perplexity" in lines[-1]
+    assert "model:" not in out  # refused before anything was measured
+
+
+def test_against_a_model_with_another_tokenizer_measures_sentence_metrics_with_its_own(tiny_lm, tmp_path, capsys):
+    other = _shuffled_tokenizer_copy(tiny_lm, tmp_path / "other")
+    both, alone = tmp_path / "both.json", tmp_path / "alone.json"
+    assert run_cli(capsys, "evaluate", "--model", tiny_lm["model"], "--against", other, "--metrics", "lee_pearson",
+                   "--data", "lee", "--json", both)[0] == 0
+    assert run_cli(capsys, "evaluate", "--model", other, "--metrics", "lee_pearson", "--data", "lee",
+                   "--json", alone)[0] == 0
+    assert json.loads(both.read_text())["lee_pearson_against"] == json.loads(alone.read_text())["lee_pearson"]
+
+
+def test_a_missing_against_directory_is_refused_before_anything_is_measured(tiny_lm, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "evaluate", "--model", tiny_lm["model"], "--against", tmp_path / "absent",
+                             "--data", f"{tiny_lm['text']}:all[:600]", "--window", "32")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("aecompress: error: --against: "), (code, err[-2000:])
+    assert "absent' does not exist" in lines[-1] and out == ""
+
+
 # --- a peer's manifest is checked against the files its own checkpoint stores -----------------------
 
 
