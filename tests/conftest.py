@@ -84,6 +84,17 @@ def write_config(path: Path, model_dir: Path, modules: list[str], workdir: Path,
     return path
 
 
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
+    """A tiny BERT fitted once per test module through the CLI: its config, best checkpoint and work directory."""
+    from aecompress.cli import main
+
+    work = tmp_path_factory.mktemp("fitted")
+    cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
+    main(["fit", "--config", str(cfg)])
+    return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
+
+
 def char_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
     """A tiny WordPiece tokenizer (one token per character, ``##`` inside words), fully offline."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -110,6 +121,36 @@ def tiny_lm(tmp_path_factory) -> dict[str, Path]:
     lines = [f"Sentence number {i} says something short, and then it ends." for i in range(400)]
     (root / "text.txt").write_text("\n\n".join(lines))
     return {"model": root / "model", "text": root / "text.txt"}
+
+
+def fake_peer(tmp_path: Path, model: torch.nn.Module, modules: list[str]) -> Path:
+    """A stand-in for a peer's output (see ``peers/``): a dense checkpoint of rounded weights, the peer's
+    own ``native/`` checkpoint of codes and scales, and the manifest of those stored tensors."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
+    from aecompress.core.selection import select_groups
+
+    dense = copy.deepcopy(model)
+    stored, native = {}, {}
+    with torch.no_grad():
+        for group in select_groups(model, modules):
+            for member in group.members:
+                weight = dict(dense.named_parameters())[member.param]
+                weight.copy_((weight * 8).round() / 8)
+                rows, cols = weight.shape
+                stored[member.param] = [{"name": "qweight", "shape": [cols * 4 // 32, rows], "dtype": "int32"},
+                                        {"name": "scales", "shape": [cols // 16, rows], "dtype": "float16"}]
+                module = member.param.removesuffix(".weight")
+                native[f"{module}.qweight"] = torch.zeros(cols * 4 // 32, rows, dtype=torch.int32)
+                native[f"{module}.scales"] = torch.zeros(cols // 16, rows, dtype=torch.float16)
+    dense.save_pretrained(tmp_path / "peer" / "dense")
+    (tmp_path / "peer" / "native").mkdir()
+    save_file(native, tmp_path / "peer" / "native" / "model.safetensors")
+    (tmp_path / "peer" / "aecompress-peer.json").write_text(json.dumps({"dense": "dense", "peer": "test", "stored": stored}))
+    return tmp_path / "peer"
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from aecompress.cli import main
 from tests.conftest import run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +35,6 @@ def one_line(capsys, pattern: str, *args) -> str:
     assert "Traceback" not in err and "usage:" not in err, err[-2000:]
     assert lines and lines[-1].startswith("aecompress: error: ") and re.search(pattern, lines[-1]), lines[-1:]
     return lines[-1]
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
-    work = tmp_path_factory.mktemp("newcomer")
-    cfg = write_config(work / "cfg.yaml", tiny_dirs["bert"], ["key"], work)
-    main(["fit", "--config", str(cfg)])
-    return {"cfg": cfg, "ckpt": work / "ckpt" / "best.ckpt", "work": work}
 
 
 def test_export_refuses_a_config_that_differs_from_the_checkpoint(fitted, tmp_path, capsys):

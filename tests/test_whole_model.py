@@ -20,7 +20,7 @@ from aecompress.evaluation import allocation
 from aecompress.evaluation.causal import causal_token_scores, teacher_targets
 from aecompress.evaluation.paired import paired_z
 from aecompress.methods import compress, decode
-from tests.conftest import build_tiny, char_tokenizer, write_config
+from tests.conftest import build_tiny, char_tokenizer, fake_peer, write_config
 
 
 def _ids(n: int = 640, seed: int = 0) -> torch.Tensor:
@@ -121,26 +121,9 @@ def test_solve_moves_bytes_to_the_group_that_suffers_more():
     assert chosen["b"][0] == 4.0 and chosen["c"][0] == 1.0 and sum(p[1] for p in chosen.values()) <= 350
 
 
-def _peer(tmp_path, model, modules):
-    """A stand-in for a peer's output: a dense checkpoint (rounded weights) and the manifest of its stored tensors."""
-    dense = copy.deepcopy(model)
-    stored = {}
-    with torch.no_grad():
-        for group in select_groups(model, modules):
-            for member in group.members:
-                weight = dict(dense.named_parameters())[member.param]
-                weight.copy_((weight * 8).round() / 8)
-                rows, cols = weight.shape
-                stored[member.param] = [{"name": "qweight", "shape": [cols * 4 // 32, rows], "dtype": "int32"},
-                                        {"name": "scales", "shape": [cols // 16, rows], "dtype": "float16"}]
-    dense.save_pretrained(tmp_path / "peer" / "dense")
-    (tmp_path / "peer" / "aecompress-peer.json").write_text(json.dumps({"dense": "dense", "peer": "test", "stored": stored}))
-    return tmp_path / "peer"
-
-
 def test_a_peer_is_measured_from_its_dense_checkpoint_at_the_size_of_its_own_format(tiny_lm, tmp_path):
     model = build_tiny("llama")
-    peer = _peer(tmp_path, model, ["k_proj", "up_proj"])
+    peer = fake_peer(tmp_path, model, ["k_proj", "up_proj"])
     text = f"{tiny_lm['text']}:all"
     main(["benchmark", "--model", str(tiny_lm["model"]), "--groups", '[{"modules": ["k_proj", "up_proj"], "name": "kv"}]',
           "--methods", json.dumps([{"method": "external", "name": "peer", "options": {"path": str(peer)}},
@@ -167,7 +150,7 @@ def test_evaluate_ranks_by_kl_with_perplexity_beside_it_and_pairs_the_kl(tiny_lm
     text = f"{tiny_lm['text']}:all"
     ids = token_ids(text, char_tokenizer(tiny_lm["model"]))
     assert len(ids) > 1000
-    peer = _peer(tmp_path, model, ["k_proj"])
+    peer = fake_peer(tmp_path, model, ["k_proj"])
     char_tokenizer(peer / "dense")
     out = tmp_path / "r.json"
     main(["evaluate", "--model", str(peer / "dense"), "--reference", str(tiny_lm["model"]), "--data", text,
@@ -181,7 +164,7 @@ def test_evaluate_ranks_by_kl_with_perplexity_beside_it_and_pairs_the_kl(tiny_lm
 
 def test_a_manifest_that_misses_a_weight_is_refused(tmp_path):
     model = build_tiny("llama")
-    peer = _peer(tmp_path, model, ["k_proj"])
+    peer = fake_peer(tmp_path, model, ["k_proj"])
     group = select_groups(model, ["up_proj"])[0]
     with pytest.raises(Exception, match="did not compress 'model.layers.0.mlp.up_proj.weight'"):
         compress("external", group, extract_rows(model, group), Budget.of_ratio(4.0), path=str(peer))

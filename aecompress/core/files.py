@@ -12,10 +12,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -105,7 +107,7 @@ def _readable(tmp: Path) -> None:
 
 @contextlib.contextmanager
 def _exit_on_sigterm(target: Path) -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit`` while writing, so the temporary directory is removed.
+    """Turn SIGTERM into ``SystemExit(143)`` while writing, so the temporary directory is removed.
 
     Only where nobody else handles SIGTERM (Lightning installs its own during ``fit``),
     and only in the main thread, where Python runs signal handlers.
@@ -115,7 +117,8 @@ def _exit_on_sigterm(target: Path) -> Iterator[None]:
         return
 
     def stop(signum, frame):
-        raise SystemExit(f"aecompress: terminated by SIGTERM; {str(target)!r} was not written")
+        print(f"aecompress: terminated by SIGTERM; {str(target)!r} was not written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)  # 143, as a shell reports a process SIGTERM ended, and as fit exits
 
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -146,6 +149,50 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+SAFETENSORS_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                          "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+"""Bytes per element of each safetensors dtype code."""
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> ``dtype``, ``shape``, ``data_offsets``), read from its header alone.
+
+    No tensor is read: the 8-byte little-endian header length, then the JSON header. Each tensor's
+    bytes must lie inside the file and be exactly as many as its shape and dtype need, so the header
+    says what the file really stores.
+
+    Raises:
+        AECompressError: naming the file, for a header that cannot be read or does not fit the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            data = path.stat().st_size - 8 - size
+            header = json.loads(fh.read(size)) if 0 < size and data >= 0 else None
+    except (OSError, ValueError) as err:
+        raise AECompressError(f"cannot read the safetensors header of {str(path)!r}: {err}") from err
+    if not isinstance(header, dict):
+        raise AECompressError(f"{str(path)!r} is not a safetensors file (its header is missing, truncated or not a mapping)")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not _fits(info, data):
+            raise AECompressError(f"{str(path)!r} is damaged: tensor {name!r} does not fit the file as its header says")
+    return header
+
+
+def _fits(info, data: int) -> bool:
+    """Whether a header entry's bytes lie in the file's data and match its shape and dtype."""
+    try:
+        begin, end = info["data_offsets"]
+        shape, item = info["shape"], SAFETENSORS_ITEM_BYTES[info["dtype"]]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        return False
+    return 0 <= begin <= end <= data and end - begin == math.prod(shape) * item
 
 
 def read_json(path: Path) -> dict:

@@ -27,6 +27,9 @@ TOKEN_ITEMS = ("kl_to_original", "top1_agreement", "perplexity")
 FIDELITY_LENGTH = 128
 """Tokens per sentence (truncated) for embedding fidelity."""
 SENTENCE_METRICS = ("embedding_fidelity", "lee_pearson", "lee_spearman", "polarity_accuracy")
+OWN_TOKENS = ("lee_pearson", "lee_spearman", "polarity_accuracy")
+"""Metrics each model measures on its own tokens, with no original and no per-item pairing: two models of
+different tokenizers compare on these alone (``evaluate --against``)."""
 
 
 def device_of(model: nn.Module) -> torch.device:

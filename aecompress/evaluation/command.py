@@ -11,9 +11,9 @@ import torch
 from aecompress.core.errors import AECompressError
 from aecompress.data.specs import parse_spec
 from aecompress.data.tokens import token_ids
-from aecompress.evaluation.catalog import FIDELITY_METRICS, window_for
+from aecompress.evaluation.catalog import FIDELITY_METRICS, OWN_TOKENS, window_for
 from aecompress.evaluation.metrics import check_metrics, default_metrics, evaluate_model, targets_for
-from aecompress.evaluation.models import load_any
+from aecompress.evaluation.models import load_any, tokenizer_of
 from aecompress.evaluation.paired import paired_z
 from aecompress.evaluation.throughput import measure_throughput
 from aecompress.formats.sources import load_model, model_kind
@@ -33,9 +33,39 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _against_tokenizer(against: str):
+    """The ``--against`` model's own tokenizer, loaded before anything is measured: a bad name fails first."""
+    try:
+        return tokenizer_of(against)
+    except AECompressError as err:
+        raise AECompressError(f"--against: {err}") from err
+
+
+def _check_same_tokens(data: str, wanted: list[str], ours, theirs, against: str, max_tokens: int | None) -> None:
+    """Refuse ``--against`` a model that tokenizes the data differently, unless every metric asked for is per model.
+
+    Per-token metrics pair the two models token by token, and the fidelity metrics compare both
+    with the first model's original on its tokens, so both models must read the same tokens.
+    """
+    shared = [m for m in wanted if m not in OWN_TOKENS]
+    if not shared:
+        return
+    a, b = token_ids(data, ours)[:max_tokens], token_ids(data, theirs)[:max_tokens]
+    if a.shape == b.shape and torch.equal(a, b):
+        return
+    first = next((i for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())) if x != y), min(len(a), len(b)))
+    raise AECompressError(
+        f"--against {against!r} tokenizes the data differently from --model ({len(b)} tokens vs {len(a)}, the first "
+        f"difference at token {first}); for {', '.join(shared)} both models must read the same tokens, so they must "
+        f"share a tokenizer; models of different tokenizers compare on {', '.join(OWN_TOKENS)} (--metrics), "
+        "each with its own"
+    )
+
+
 def _compare(items: dict[str, torch.Tensor], runtime: bool, target: torch.device, tokenizer, against: str,
              data: str, wanted: list[str], **options) -> dict[str, float]:
-    """Measure ``against`` on the same items; its values as ``<metric>_against``, the paired z as ``<metric>_z``."""
+    """Measure ``against`` with its own ``tokenizer`` on the same items; its values as ``<metric>_against``,
+    the paired z as ``<metric>_z``."""
     other_model, _, _ = load_any(against, runtime)
     other_items: dict[str, torch.Tensor] = {}
     theirs = evaluate_model(other_model.to(target), tokenizer, data, wanted, **options, items=other_items)
@@ -99,7 +129,9 @@ def evaluate_command(
         against: another model (any form ``--model`` takes) measured on the same items: its
             values, and for perplexity and embedding fidelity how many standard errors of the
             paired per-item difference ``--model`` is better by (negative: worse), so a small
-            difference between two compressed models can be told from noise.
+            difference between two compressed models can be told from noise. It runs with its
+            own tokenizer; the per-token and fidelity metrics need both models to tokenize the
+            data alike and refuse otherwise (lee and polarity compare any two models).
         reference: the original model, for embedding fidelity; default: the one the export's
             aecompress.json names (a packaged name or hub id; an export of a local directory
             names it by its directory name only, so give the directory here).
@@ -112,6 +144,7 @@ def evaluate_command(
         raise AECompressError(f"max_tokens must be at least 2, got {max_tokens}")
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    theirs = _against_tokenizer(against) if against else None
     hf_model, tokenizer, reference_name = load_any(model, runtime)
     reference_name = named = reference or reference_name
     hf_model.to(target)
@@ -120,6 +153,8 @@ def evaluate_command(
         reference_name = None  # by default, measure what needs no original (one warning said how to add it)
     wanted = metrics if metrics is not None else default_metrics(hf_model, data, reference_name is not None)
     check_metrics(wanted, hf_model, reference_name is not None)
+    if against:
+        _check_same_tokens(data, wanted, tokenizer, theirs, against, max_tokens)
     original = None
     if "embedding_fidelity" in wanted:
         original = loaded.to(target)
@@ -140,7 +175,7 @@ def evaluate_command(
     if against:
         other = dict(against=against, data=data, wanted=wanted, reference=original, max_tokens=max_tokens,
                      window=window, stride=stride, batch_size=batch_size, seed=seed)
-        out.update(_compare(items, runtime, target, tokenizer, **other))
+        out.update(_compare(items, runtime, target, theirs, **other))
     if throughput:
         if model_kind(hf_model) != "causal_lm":
             raise AECompressError(f"--throughput times the perplexity loop, which {type(hf_model).__name__} cannot run")

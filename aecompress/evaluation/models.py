@@ -11,7 +11,7 @@ from torch import nn
 from aecompress.core.errors import AECompressError
 from aecompress.formats import sidecar
 from aecompress.formats.compact import load_compact
-from aecompress.formats.sources import auto_class, load_model
+from aecompress.formats.sources import auto_class, load_model, resolve
 from aecompress.runtime.load import load_runtime
 
 
@@ -33,8 +33,7 @@ def load_any(name_or_dir: str, runtime: bool = False) -> tuple[nn.Module, object
             model = load_runtime(path) if runtime else load_compact(path)
         else:
             model = auto_class(meta.get("auto_class", "AutoModel")).from_pretrained(path, dtype=torch.float32)
-        tokenizer = load_tokenizer(path if _has_tokenizer(path) else meta.get("source", str(path)))
-        return model.eval(), tokenizer, meta.get("source_model")
+        return model.eval(), _export_tokenizer(path, meta), meta.get("source_model")
     if runtime:
         raise AECompressError(
             f"--runtime needs a compact export, and {name_or_dir!r} is not one; "
@@ -42,6 +41,23 @@ def load_any(name_or_dir: str, runtime: bool = False) -> tuple[nn.Module, object
         )
     model, source, _ = load_model(name_or_dir)
     return model, load_tokenizer(source), None
+
+
+def tokenizer_of(name_or_dir: str):
+    """The tokenizer :func:`load_any` pairs with a model, without loading the model: cheap enough to check first.
+
+    Raises:
+        AECompressError: for a path that does not exist, or a model without a tokenizer.
+    """
+    path = Path(name_or_dir).expanduser()
+    kind, meta = sidecar.detect(path)
+    if kind in ("compact", "decoded"):
+        return _export_tokenizer(path, meta)
+    return load_tokenizer(resolve(name_or_dir))
+
+
+def _export_tokenizer(path: Path, meta: dict):
+    return load_tokenizer(path if _has_tokenizer(path) else meta.get("source", str(path)))
 
 
 def _has_tokenizer(path: Path) -> bool:

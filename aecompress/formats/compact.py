@@ -24,9 +24,11 @@ from aecompress.core.groups import WeightGroup, assign_rows
 from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
-from aecompress.formats.sidecar import COMPRESSED, REMAINING, SIDECAR
+from aecompress.formats.manifest import write_manifest
+from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.formats.sources import auto_class
 from aecompress.methods import METHODS
+from aecompress.methods.base import check_fields
 from aecompress.methods.substitute import decode_all
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def export_compact(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
     out_dir: str, overwrite: bool = False, card_info: dict | None = None,
 ) -> Path:
-    """Write stored forms + remaining weights + sidecar, with checksums.
+    """Write stored forms + remaining weights + sidecar, with checksums, and the manifest of every file.
 
     Every form is decoded once first: one that does not decode to finite numbers is refused before anything is written.
     """
@@ -68,8 +70,10 @@ def export_compact(
         meta = sidecar.build(forms, model, auto_class, "compact", model_name)
         meta["dropped"] = dropped
         meta["checksums"] = {COMPRESSED: sha256(tmp / COMPRESSED), REMAINING: sha256(tmp / REMAINING)}
+        meta["manifest"] = MANIFEST
         sidecar.write(tmp, meta)
         card.write(tmp, meta, source, {**(card_info or {}), "directory_name": Path(out_dir).name})
+        write_manifest(tmp)  # last: it covers every file above, the sidecar included
     log.info("wrote compact model to %s", out_dir)
     return Path(out_dir)
 
@@ -115,7 +119,9 @@ def stored_forms(meta: dict, compressed: dict[str, torch.Tensor]) -> list[Stored
             if dtype is not None and dtype != found:
                 raise AECompressError(f"tensor {full!r} has dtype {found}, sidecar says {dtype}")
             tensors[key] = compressed[full]
-        forms.append(StoredForm(method, group, tensors, entry.get("meta", {})))
+        form = StoredForm(method, group, tensors, entry.get("meta", {}))
+        check_fields(form)
+        forms.append(form)
     return forms
 
 

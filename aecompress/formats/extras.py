@@ -10,13 +10,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from aecompress.formats.sidecar import SIDECAR
+from aecompress.formats.sidecar import MANIFEST, SIDECAR
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 # The original's README.md is its model card, which describes the uncompressed model: the export writes its own.
-_SKIP_NAMES = {"config.json", "generation_config.json", SIDECAR, "model.safetensors.index.json", "README.md"}
+_SKIP_NAMES = {"config.json", "generation_config.json", SIDECAR, MANIFEST, "model.safetensors.index.json", "README.md"}
 _SKIP_DIRS = {"onnx", "openvino", ".git", ".cache"}
 
 

@@ -25,6 +25,8 @@ ExportFormat = Literal["decoded", "compact"]
 SIDECAR = "aecompress.json"
 COMPRESSED = "compressed.safetensors"
 REMAINING = "remaining.safetensors"
+MANIFEST = "SHA256SUMS"
+"""The checksum of every file of a compact export (see :mod:`aecompress.formats.manifest`)."""
 # Version 2 adds int8 codes with ``*_scales`` tensors; version 3 adds codes of 3 to 7 bits
 # packed as uint8 bit planes. An export says the oldest version that holds what it stores, so
 # a reader that predates a kind of code refuses it instead of decoding raw codes as values,

@@ -1,12 +1,15 @@
 """``aecompress verify``: is a compact export whole, and what ratio does it reach?
 
 Everything :func:`aecompress.formats.compact.load_compact` relies on is checked, without
-building the full-size model: the sidecar's format, both SHA-256 checksums,
-every stored tensor's name, shape and dtype against the sidecar, the
+building the full-size model: the sidecar's format and fields, both tensor files' SHA-256
+checksums, every stored tensor's name, shape and dtype against the sidecar, the
 remaining weights and each group's matrices against the architecture (built
 on the meta device, from transformers, never from the artifact), and every
 group decodes to finite rows of its shape. The achieved ratio is counted
-again by the one accountant and must match what the sidecar claims.
+again by the one accountant and must match what the sidecar claims. Last, every file of the
+export (the sidecar, config, tokenizer and card too) must match its checksum in ``SHA256SUMS``
+(see :mod:`aecompress.formats.manifest`): the checks before it name what is wrong in terms of
+the model, this one catches any other change, such as a provenance field or one byte of the card.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import transformers
 from aecompress.core.budget import Budget, original_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.formats.compact import check_members, check_remaining, stored_forms, verified_tensors
-from aecompress.formats.sidecar import COMPRESSED, REMAINING, read_compact
+from aecompress.formats.manifest import check_manifest
+from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR, read_compact
 from aecompress.formats.sources import auto_class
 from aecompress.methods import decode
 
@@ -30,7 +34,9 @@ def check_compact(directory: str | Path) -> dict:
 
     Returns:
         ``directory``, ``groups`` (name, method, stored bytes, ratio per group),
-        ``achieved_ratio``, ``target_ratio``, ``stored_bytes`` and ``original_bytes``.
+        ``achieved_ratio``, ``target_ratio``, ``stored_bytes``, ``original_bytes``, and
+        ``every_file``: whether every file was checked (an export from before ``SHA256SUMS``
+        has only its tensor files covered).
 
     Raises:
         AECompressError: naming the first problem found.
@@ -64,6 +70,7 @@ def check_compact(directory: str | Path) -> dict:
     said = meta.get("achieved_ratio")
     if (achieved is None) != (said is None) or (achieved is not None and not math.isclose(achieved, said, rel_tol=1e-9)):
         raise AECompressError(f"the sidecar claims ratio {said}, but the stored tensors give {achieved}")
+    every_file = _check_files(directory, meta)
     return {
         "directory": str(directory),
         "groups": groups,
@@ -71,7 +78,18 @@ def check_compact(directory: str | Path) -> dict:
         "target_ratio": meta.get("target_ratio"),
         "stored_bytes": stored,
         "original_bytes": original,
+        "every_file": every_file,
     }
+
+
+def _check_files(directory: Path, meta: dict) -> bool:
+    """Every file against the manifest the sidecar names; False for an export written before manifests."""
+    if "manifest" not in meta:
+        return False
+    if meta["manifest"] != MANIFEST:
+        raise AECompressError(f"{SIDECAR} names manifest {meta['manifest']!r}; valid: {MANIFEST}")
+    check_manifest(directory)
+    return True
 
 
 def _check_architecture(directory: Path, meta: dict, remaining: dict[str, torch.Tensor], forms: list) -> None:
@@ -102,7 +120,9 @@ def verify(directory: str) -> None:
     for g in report["groups"]:
         print(f"  {g['group']}: {g['method']}, {g['bytes']} bytes, ratio {g['ratio']:.3f}")
     target = report["target_ratio"]
+    covered = (f"every file matches {MANIFEST}" if report["every_file"] else
+               f"only the tensor files are covered (written before {MANIFEST}; export again to cover every file)")
     print(
         f"ok: {report['directory']}: checksums and shapes match; achieved ratio {report['achieved_ratio']:.3f}"
-        + (f" (target {target})" if target else "")
+        + (f" (target {target})" if target else "") + f"; {covered}"
     )

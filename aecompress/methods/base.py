@@ -135,6 +135,33 @@ def meta(target: Budget | None, budget: int, **extra) -> dict:
     return {"target_ratio": None if target is None else target.ratio, "budget_bytes": budget, **extra}
 
 
+CODE_BITS = range(1, 9)
+"""The code widths a stored form may name."""
+
+
+def check_fields(form: StoredForm) -> None:
+    """The metadata fields methods share, checked where a stored form is read back from a file.
+
+    Decoding trusts them (a code width, columns per scale, the ratio a budget came from), so a
+    value that cannot be right is refused in one line rather than decoded into wrong numbers.
+    """
+    name, info, width = form.group.name, form.meta, form.group.width
+    if not isinstance(info, dict):
+        raise AECompressError(f"group {name!r}: its meta is a {type(info).__name__}, not a mapping")
+    bits, size, target = info.get("bits"), info.get("group_size"), info.get("target_ratio")
+    if bits is not None and not (_integer(bits) and bits in CODE_BITS):
+        raise AECompressError(f"group {name!r}: bits {bits!r} is not a code width; valid: 1..{CODE_BITS[-1]}")
+    if size is not None and not (_integer(size) and size >= 1 and width % size == 0):
+        raise AECompressError(f"group {name!r}: group_size {size!r} does not divide its rows' width {width}; "
+                              f"valid: a divisor of {width}")
+    if target is not None and not (isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0):
+        raise AECompressError(f"group {name!r}: target_ratio {target!r} is not a positive number")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def item_size(dtype: torch.dtype) -> int:
     """Bytes per element of a dtype."""
     return torch.empty((), dtype=dtype).element_size()

@@ -3,7 +3,10 @@
 A checkpoint records its config's *signature* (ratio, loss, init, groups and the resolved
 autoencoder specs). Resuming, validating, exporting or benchmarking with another config is
 refused with the first difference named, by the same :func:`accept`, and weights are read
-with ``weights_only=True``, so a checkpoint handed to us can never run code.
+with ``weights_only=True``, so a checkpoint handed to us can never run code. Every checkpoint
+is read by :func:`read`: ``export`` and the benchmark call it, and ``fit``/``validate
+--ckpt_path`` reach it through :class:`SafeLoading`, so a 0-byte or truncated file is the same
+one line everywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 
 from aecompress.core.errors import AECompressError
 from aecompress.methods.autoencoder_nets import AESpec
@@ -44,6 +48,29 @@ def read(ckpt_path: str) -> dict:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise AECompressError(f"checkpoint {ckpt_path!r} has no state_dict; is it a Lightning checkpoint?")
     return checkpoint
+
+
+class SafeLoading(CheckpointIO):
+    """Lightning's checkpoint IO with every load going through :func:`read`; saving is left to the one it wraps.
+
+    Lightning reads ``--ckpt_path`` itself; without this a damaged file surfaced as its
+    ``EOFError`` or a zip error instead of one line naming the file.
+    """
+
+    def __init__(self, inner: CheckpointIO):
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read(str(path))
+
+    def remove_checkpoint(self, path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
 
 
 def accept(module: Accepting, checkpoint: dict, ckpt_path: str | None) -> None:

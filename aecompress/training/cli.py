@@ -23,7 +23,7 @@ from aecompress.formats.export import export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.streaming import export_streaming
 from aecompress.training.arguments import explain
-from aecompress.training.checkpoints import load_weights
+from aecompress.training.checkpoints import SafeLoading, load_weights
 from aecompress.training.datamodule import WeightRowsDataModule
 from aecompress.training.module import CompressorModule
 from aecompress.training.report import card_info
@@ -136,7 +136,8 @@ class AECompressCLI(LightningCLI):
         """
 
     def before_fit(self) -> None:
-        """Read ``--ckpt_path`` with ``weights_only=True``, whatever torch's default or the environment say."""
+        """Read ``--ckpt_path`` with ``weights_only=True``, whatever torch's default or the environment say,
+        through :func:`~aecompress.training.checkpoints.read`, as ``export`` does."""
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is False:
             raise AECompressError(
@@ -144,6 +145,9 @@ class AECompressCLI(LightningCLI):
                 "so that a checkpoint can never run code"
             )
         config["weights_only"] = True
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, SafeLoading):
+            strategy.checkpoint_io = SafeLoading(strategy.checkpoint_io)
         if self.subcommand == "fit" and not any(isinstance(c, FitTimer) for c in self.trainer.callbacks):
             self.trainer.callbacks.insert(0, FitTimer())  # first: checkpoint saving is not validation
 
