@@ -11,6 +11,8 @@ budget measured.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import shlex
 import sys
 import time
@@ -20,6 +22,7 @@ from typing import get_args
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.pipeline import check_tune, closed_form, tuned
+from aecompress.compress.tuning import checked_options
 from aecompress.core.budget import BITS_PER_ORIGINAL, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
@@ -32,9 +35,21 @@ from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.sources import load_model
 
 FORMATS = get_args(ExportFormat)
+_INFEASIBLE = re.compile(r"ratio \S+ is infeasible for group (?P<group>'[^']*' \(\d+ x \d+\)) with (?P<what>.*?): "
+                         r".*feasible ratios are 1 < ratio <= (?P<most>[\d.]+)")
 
 
-def _checked(method: str, bits: float, allocation: str, fmt: str) -> None:
+def _in_bits(err: AECompressError, bits: float) -> AECompressError:
+    """A budget the method cannot reach, said in the unit the user typed (bits per weight), not as a ratio."""
+    found = _INFEASIBLE.search(str(err))
+    if found is None:
+        return err
+    least = math.ceil(BITS_PER_ORIGINAL / float(found["most"]) * 100) / 100  # rounded up: the stated bound is feasible
+    return AECompressError(f"--bits {bits!r} is too few for group {found['group']} with {found['what']}; "
+                           f"feasible: {least} <= --bits < {BITS_PER_ORIGINAL}")
+
+
+def _checked(method: str, bits: float, allocation: str, fmt: str, options: dict | None, modules: list[str] | None) -> None:
     """One clear error for a method that is trained or foreign, a budget out of range, or an unknown choice."""
     closed = sorted(n for n, m in catalogue.METHODS.items() if m.compress is not None and m.budgeted)
     if method not in closed:
@@ -42,6 +57,12 @@ def _checked(method: str, bits: float, allocation: str, fmt: str) -> None:
                               "(autoencoders are trained: aecompress fit)")
     if not 0 < bits < BITS_PER_ORIGINAL:
         raise AECompressError(f"--bits {bits!r} must be above 0 and below {BITS_PER_ORIGINAL}")
+    unknown = sorted(set(options or {}) - set(catalogue.options(method)))
+    if unknown:
+        raise AECompressError(f"--options {unknown[0]!r} is not an option of {method}; valid: "
+                              f"{', '.join(catalogue.options(method))}")
+    if modules is not None and not modules:  # [] would otherwise select nothing, or (as a default) everything
+        raise AECompressError("--modules [] is empty; give module types or patterns, e.g. [all] or [q_proj, k_proj]")
     if allocation not in allocator.ALLOCATIONS:
         raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(allocator.ALLOCATIONS)}")
     if fmt not in FORMATS:
@@ -90,12 +111,12 @@ def compress(
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """
-    _checked(method, bits, allocation, format)
+    _checked(method, bits, allocation, format, options, modules)
     row = catalogue.get(method)
     steps = row.tune_steps if tune_steps is None else tune_steps
-    settings = {"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision} if steps else {}
+    settings = checked_options({"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision})  # even unused
     choice = MethodChoice(method=method, options=dict(row.defaults) if options is None else options,
-                          allocation=allocation, tune=settings)
+                          allocation=allocation, tune=settings if steps else {})
     check_tune(choice)
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
@@ -106,11 +127,15 @@ def compress(
     tokenizer = AutoTokenizer.from_pretrained(source)
     groups = select_groups(net, modules or ["all"])
     windows = Calibration(net, tokenizer, calibration, calibration_tokens, calibration_window, cache_key=source)
+    windows.windows()  # too little text, or text shared with a test split, is refused before anything is computed
     for kind in catalogue.get(method).needs:  # made (or read from the cache) here, so its time is told apart
         windows.stats(groups, kind)
     loaded = time.perf_counter()
-    forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, BITS_PER_ORIGINAL / bits,
-                           lambda: allocator.damage_on(net, tokenizer, calibration))
+    try:
+        forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, BITS_PER_ORIGINAL / bits,
+                               lambda: allocator.damage_on(net, tokenizer, calibration))
+    except AECompressError as err:
+        raise _in_bits(err, bits) from err
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
     forms = tuned(net, windows, choice, forms)
