@@ -180,6 +180,14 @@ def _ours(err: BaseException) -> AECompressError | None:
     return None
 
 
+_AFTER_SIGTERM = {
+    "fit": "the last checkpoint is intact (resume with --ckpt_path last)",
+    "benchmark": "finished rows are kept in results.csv; rerun the same command to go on",
+    "compress": "nothing was written to --out_dir; rerun the command to start again",
+}
+"""What a stopped command left, and what to do next: advice that fits the command that was stopped."""
+
+
 def _fail(message: str, code: int = 2) -> None:
     print(f"aecompress: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -223,8 +231,8 @@ def main(args: list[str] | None = None) -> None:
 
     try:
         _dispatch(args)
-    except SIGTERMException:  # Lightning stops fit at the next step; it would exit 0
-        print("aecompress: stopped by SIGTERM; the last checkpoint is intact (resume with --ckpt_path last)",
+    except SIGTERMException:  # Lightning stops a fit (or compress's tune) at the next step; it would exit 0
+        print(f"aecompress: stopped by SIGTERM; {_AFTER_SIGTERM.get(args[0], 'rerun the command')}",
               file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except MisconfigurationException as err:  # Lightning's own (devices, accelerator...)

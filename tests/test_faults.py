@@ -639,6 +639,7 @@ def test_disk_full_gives_one_error_and_removes_temporary_files(tmp_path, fitted,
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep").write_text("an earlier export")
+    (existing / "aecompress.json").write_text("{}")  # --overwrite replaces only an export
     for out, extra in ((tmp_path / "out", []), (existing, ["--overwrite"])):
         one_error(capsys, rf"writing '{re.escape(str(out))}' failed, nothing was written: \[Errno 28\] No space left",
                   "export", "--config", fitted["cfg"], "--ckpt_path", fitted["ckpt"], "--out_dir", out,

@@ -93,8 +93,8 @@ def test_empty_text_names_its_size_and_the_minimum(tiny_lm, tmp_path, capsys):
     one_line(capsys, r"holds no text \(0 characters\); it needs at least one window", "evaluate",
              "--model", tiny_lm["model"], "--data", f"{empty}:all", "--window", "32")
     cfg = write_config(tmp_path / "cfg.yaml", tiny_lm["model"], ["k_proj"], tmp_path,
-                       **{"data.calibration": f"{empty}:all", "model.encoder": "free", "model.decoder": "linear",
-                          "model.out_activation": "none", "model.init": "whitened_svd"})
+                       **{"data.calibration": f"{empty}:all", "data.calibration_window": 32, "model.encoder": "free",
+                          "model.decoder": "linear", "model.out_activation": "none", "model.init": "whitened_svd"})
     one_line(capsys, r"holds no text \(0 characters\)", "fit", "--config", cfg)
 
 

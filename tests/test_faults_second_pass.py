@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import extract_rows
 from aecompress.core.selection import select_groups
@@ -31,7 +32,7 @@ from tests.test_faults_newcomer import one_line
 def quantized(tmp_path_factory, tiny_lm) -> Path:
     """A compact export of the tiny Llama: 3-bit codes with a scale per 16 columns, and its tokenizer."""
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm["model"])
-    forms = {g.name: compress("quantize", g, extract_rows(model, g), 4.0, bits=3, group_size=16)
+    forms = {g.name: compress("quantize", g, extract_rows(model, g), Budget.of_ratio(4.0), code_bits=3, group_size=16)
              for g in select_groups(model, ["k_proj", "up_proj"])}
     out = tmp_path_factory.mktemp("quantized") / "compact"
     export(model, forms, str(tiny_lm["model"]), "AutoModelForCausalLM", "tiny", str(out), "compact")
@@ -161,7 +162,7 @@ def peer(tmp_path) -> tuple[torch.nn.Module, Path]:
 
 def _peer_form(model, path: Path):
     group = select_groups(model, ["k_proj"])[0]
-    return compress("external", group, extract_rows(model, group), 4.0, path=str(path))
+    return compress("external", group, extract_rows(model, group), None, path=str(path))
 
 
 def _rewrite(path: Path, change) -> None:

@@ -20,6 +20,7 @@ from typing import get_args
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.pipeline import check_tune, closed_form, tuned
+from aecompress.compress.tuning import checked_options
 from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
@@ -34,12 +35,18 @@ from aecompress.formats.sources import load_model
 FORMATS = get_args(ExportFormat)
 
 
-def _checked(method: str, allocation: str, fmt: str) -> None:
+def _checked(method: str, allocation: str, fmt: str, options: dict | None, modules: list[str] | None) -> None:
     """One clear error for a method that is trained or foreign, a budget out of range, or an unknown choice."""
     closed = sorted(n for n, m in catalogue.METHODS.items() if m.compress is not None and m.budgeted)
     if method not in closed:
         raise AECompressError(f"--method {method!r} is not a closed-form method; valid: {', '.join(closed)} "
                               "(autoencoders are trained: aecompress fit)")
+    unknown = sorted(set(options or {}) - set(catalogue.options(method)) - set(catalogue.get(method).renamed))
+    if unknown:
+        raise AECompressError(f"--options {unknown[0]!r} is not an option of {method}; valid: "
+                              f"{', '.join(catalogue.options(method))}")
+    if modules is not None and not modules:  # [] would otherwise select nothing, or (as a default) everything
+        raise AECompressError("--modules [] is empty; give module types or patterns, e.g. [all] or [q_proj, k_proj]")
     if allocation not in allocator.ALLOCATIONS:
         raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(allocator.ALLOCATIONS)}")
     if fmt not in FORMATS:
@@ -89,12 +96,12 @@ def compress(
         trust_remote_code: allow a hub model's own code (off by default).
     """
     target = Budget.of_bits(bits, "--bits")
-    _checked(method, allocation, format)
+    _checked(method, allocation, format, options, modules)
     row = catalogue.get(method)
     steps = row.tune_steps if tune_steps is None else tune_steps
-    settings = {"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision} if steps else {}
+    settings = checked_options({"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision})  # even unused
     choice = MethodChoice(method=method, options=dict(row.defaults) if options is None else options,
-                          allocation=allocation, tune=settings)
+                          allocation=allocation, tune=settings if steps else {})
     check_tune(choice)
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
@@ -105,6 +112,7 @@ def compress(
     tokenizer = AutoTokenizer.from_pretrained(source)
     groups = select_groups(net, modules or ["all"])
     windows = Calibration(net, tokenizer, calibration, calibration_tokens, calibration_window, cache_key=source)
+    windows.windows()  # too little text, or text shared with a test split, is refused before anything is computed
     for kind in catalogue.get(method).needs:  # made (or read from the cache) here, so its time is told apart
         windows.stats(groups, kind)
     loaded = time.perf_counter()

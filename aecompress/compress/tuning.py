@@ -87,10 +87,19 @@ class ScaleTuning(L.LightningModule):
         student = torch.func.functional_call(self.model, substituted_params(self.model, self.decoded()), (),
                                              {"input_ids": ids})
         loss = self.teacher.mismatch(student, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite tuning loss at step {self.global_step}; lower the learning rate")
+        if not torch.isfinite(loss):  # the forms were finite before the first step (see tune), so the steps did it
+            raise AECompressError(f"tune loss became non-finite at step {self.global_step} (lr {self.lr}); "
+                                  "lower the tune's learning rate (--tune_lr; tune.lr in a benchmark)")
         self.log("tune/loss", loss, prog_bar=True, on_step=True)
         return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """The tune's objective on one window batch, averaged over every window (see :func:`tune`)."""
+        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        student = torch.func.functional_call(self.model, substituted_params(self.model, self.decoded()), (),
+                                             {"input_ids": ids})
+        loss = self.teacher.mismatch(student, self.teacher.targets(self.model, ids))
+        self.log("tune/objective", loss, on_epoch=True, batch_size=ids.shape[0])
 
     def configure_optimizers(self):
         """Adam on the log-factors only."""
@@ -150,6 +159,9 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
          top_k: int | None = 64, batch_size: int = 1, precision: str = "32-true", seed: int = 0) -> list[StoredForm]:
     """The forms with their scales fine-tuned for ``steps`` steps on calibration ``windows`` against ``model``.
 
+    The tune's objective is measured on every window before and after: a tune that made it worse (too
+    high a learning rate) returns the untuned forms, with a warning, so nothing exported is worse than
+    not tuning. Each tuned form's ``meta["tune"]`` records both values and whether the tune was kept.
     The model's own weights and its ``requires_grad`` flags are left as they were.
     """
     if steps <= 0 or not any(tunable(f) for f in forms):
@@ -159,18 +171,45 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
     module = ScaleTuning(model, forms, lr, top_k)
     loader = DataLoader(windows, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    every = DataLoader(windows, batch_size=batch_size)
     epochs = math.ceil(steps / max(len(loader), 1))
     trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        inference_mode=False)  # the teacher's targets kept while measuring are used again in training
     try:
         with warnings.catch_warnings():  # the frozen model is in eval mode on purpose (see on_train_epoch_start)
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")  # see _objective
+            before = _objective(trainer, module, every)
             trainer.fit(module, loader)
+            after = _objective(trainer, module, every)
     finally:
         module.cpu()
         model.train(training)
         for name, param in model.named_parameters():
             param.requires_grad_(flags[name])
-    log.info("tuned %d groups' scales for %d steps; teacher targets held %.1f MB", len(module.logs), steps,
-             module.teacher.nbytes / 2**20)
-    return module.stored()
+    log.info("tuned %d groups' scales for %d steps (objective %.4g -> %.4g); teacher targets held %.1f MB",
+             len(module.logs), steps, before, after, module.teacher.nbytes / 2**20)
+    record = {"kept": after <= before, "steps": steps, "lr": lr, "objective_before": before, "objective_after": after}
+    if after <= before:
+        return [_recorded(f, record) for f in module.stored()]
+    log.warning("the tune made its objective worse on the calibration windows (%.4g untuned, %.4g after %d steps at "
+                "lr %g); kept the untuned forms: lower the tune's learning rate", before, after, steps, lr)
+    return [_recorded(f, record) for f in forms]
+
+
+def _objective(trainer: L.Trainer, module: ScaleTuning, every: DataLoader) -> float:
+    """The tune's loss over every calibration window with the current factors (fit itself validates nothing).
+
+    A non-finite loss before any step means the forms were broken before the tune, whatever its learning rate.
+    """
+    value = float(trainer.validate(module, every, verbose=False)[0]["tune/objective"])
+    if not math.isfinite(value) and module.global_step == 0:
+        raise AECompressError("the compressed model's outputs are not finite before tuning; the method's options "
+                              "give a broken form (check --options)")
+    return value
+
+
+def _recorded(form: StoredForm, record: dict) -> StoredForm:
+    """The form with the tune's outcome in its meta (only forms whose scales the tune could change)."""
+    return dataclasses.replace(form, meta={**form.meta, "tune": dict(record)}) if tunable(form) else form

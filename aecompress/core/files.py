@@ -30,19 +30,50 @@ from aecompress.core.errors import AECompressError
 log = logging.getLogger(__name__)
 
 
+EXPORT_MARKER = "aecompress.json"
+"""The sidecar every export holds (``formats.sidecar.SIDECAR``): what marks a directory as one of ours to replace."""
+
+
 def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an existing target before any expensive work starts."""
+    """Refuse an output directory that cannot or may not be written, before any expensive work starts.
+
+    ``overwrite`` replaces an earlier export (a directory holding the sidecar) or an empty directory, never a
+    directory of someone's own files: replacing it would delete them, and no flag should mean that.
+    """
+    _refuse_existing(target, overwrite)
+    if target.is_dir() and not (target / EXPORT_MARKER).is_file() and any(target.iterdir()):
+        found = sorted(p.name for p in target.iterdir())
+        raise AECompressError(
+            f"output directory {str(target)!r} is not an aecompress export (it holds {', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); --overwrite replaces only an earlier export (a directory with "
+            f"{EXPORT_MARKER}): choose another --out_dir"
+        )
+    _refuse_unwritable(target)
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise AECompressError(f"output directory {str(target)!r} exists; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
         raise AECompressError(f"output path {str(target)!r} exists and is not a directory")
 
 
+def _refuse_unwritable(target: Path) -> None:
+    """The directory that will hold the target (its nearest existing ancestor) must be a writable directory."""
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AECompressError(f"cannot write {str(target)!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AECompressError(f"cannot write {str(target)!r}: {str(parent)!r} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` when the block succeeds."""
     target = Path(target)
-    check_target(target, overwrite)
+    _refuse_existing(target, overwrite)  # caches are replaced whatever they hold; exports call check_target first
     clear_leftovers(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

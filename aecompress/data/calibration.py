@@ -29,10 +29,10 @@ from torch import nn
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.data import statistics
-from aecompress.data.specs import parse_spec
+from aecompress.data.specs import held_out, parse_spec
 from aecompress.data.tokens import token_ids, windows
 from aecompress.formats.packaged import cache_dir
-from aecompress.formats.sources import model_kind
+from aecompress.formats.sources import max_positions, model_kind
 from aecompress.methods.base import GroupStats
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,43 @@ def collect(
     return stats
 
 
+SHARED_RUN = 64
+"""Tokens in a row that calibration text may not share with test text. Real text shares no run this long unless it
+is the same text (none between ``calibration``, ``wiki:calibration`` or ``wiki:validation`` and ``wiki:test``), and a
+run this long is shared by nothing a split boundary cuts short."""
+
+
+def apart_from_test(spec: str, ids: torch.Tensor, tokenizer) -> None:
+    """Refuse calibration tokens that repeat held-out test text, by content: ``wiki:all[:2048]`` is test text
+    whatever its split is called."""
+    for other in held_out(spec):
+        try:
+            test = token_ids(other, tokenizer)
+        except AECompressError:  # a local text too small to have a test split: nothing to keep apart from
+            continue
+        shared = shared_tokens(ids, test, SHARED_RUN)
+        if shared:
+            raise AECompressError(
+                f"calibration data {spec!r} shares {shared} of its {ids.numel()} tokens with the test text "
+                f"{other!r}; calibrate on text apart from it (e.g. calibration, wiki:calibration or PATH:calibration)")
+
+
+def shared_tokens(ids: torch.Tensor, other: torch.Tensor, run: int) -> int:
+    """How many tokens of ``ids`` lie in a run of ``run`` consecutive tokens that also occurs in ``other``.
+
+    Each run is reduced to a 64-bit hash (random weights, products wrapping), so the check is a few vector ops.
+    """
+    if ids.numel() < run or other.numel() < run:
+        return 0
+    weights = torch.randint(-2**62, 2**62, (run,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    mine, theirs = ((t.long().unfold(0, run, 1) * weights).sum(1) for t in (ids, other))
+    starts = torch.isin(mine, theirs).nonzero().flatten()
+    edges = torch.zeros(ids.numel() + 1, dtype=torch.int64)
+    edges.index_add_(0, starts, torch.ones_like(starts))
+    edges.index_add_(0, starts + run, -torch.ones_like(starts))
+    return int((edges.cumsum(0)[:-1] > 0).sum())
+
+
 class Calibration:
     """Calibration text as token windows, and the statistics of weight groups over them, each made once.
 
@@ -226,6 +263,14 @@ class Calibration:
             raise AECompressError(
                 f"calibration data {spec!r} is a test split; calibrate on other text (e.g. calibration or wiki:calibration)"
             )
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:  # -5 would slice ids[:-5]
+            raise AECompressError(f"calibration_tokens {tokens!r} must be a positive number of tokens")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise AECompressError(f"calibration_window {window!r} must be a whole number of tokens, at least 2")
+        limit = max_positions(model)
+        if limit and window > limit:  # else a RuntimeError deep in the model's position embeddings
+            raise AECompressError(f"calibration_window {window} is longer than the model's {limit} positions; "
+                                  f"use 2..{limit}")
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.tokens, self.window, self.cache_key = tokens, window, cache_key
         self._windows: torch.Tensor | None = None
@@ -235,6 +280,11 @@ class Calibration:
         """The calibration windows ``[n, window]``, tokenized once."""
         if self._windows is None:
             ids = token_ids(self.spec, self.tokenizer)[: self.tokens]
+            if ids.numel() < self.window:
+                raise AECompressError(
+                    f"calibration text {self.spec!r} has {ids.numel()} tokens (at most calibration_tokens), shorter "
+                    f"than one calibration window of {self.window} tokens; use more text or a smaller calibration_window")
+            apart_from_test(self.spec, ids, self.tokenizer)
             self._windows = windows(ids, self.window, self.window)
         return self._windows
 

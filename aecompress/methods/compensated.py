@@ -134,6 +134,11 @@ def compress(
         zeros: ``int`` (each zero point a code on its group's grid, as wide as the row's codes) or ``float``
             (a zero point in ``dtype``).
     """
+    if code_bits is not None and (isinstance(code_bits, bool) or not isinstance(code_bits, int)
+                                  or not 1 <= code_bits <= MAX_BITS):
+        raise AECompressError(f"compensated code_bits {code_bits!r} is not a code width; it must be an integer in 1..{MAX_BITS}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:  # < 0: no Cholesky factor
+        raise AECompressError(f"compensated damp {damp!r} is not a ridge; it must be 0 or more (default 0.01)")
     store = float_dtype(dtype, group, "compensated")
     stats = needs_stats(stats, "covariance", group, "compensated")
     m, n = group.rows, group.width
