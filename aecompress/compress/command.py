@@ -57,7 +57,7 @@ def compress(
     model: str,
     out_dir: str,
     bits: float = 3.0,
-    method: str = "compensated",
+    method: str = catalogue.BEST_CLOSED_FORM,
     options: dict | None = None,
     modules: list[str] | None = None,
     allocation: str = "uniform",

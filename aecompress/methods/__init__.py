@@ -50,6 +50,11 @@ METHODS: dict[str, Method] = {
 }
 """Method name -> method: the only place the package lists its methods."""
 
+AUTOENCODER = autoencoder.METHOD.name
+"""The trained method ``aecompress fit`` trains unless ``model.method`` names another."""
+BEST_CLOSED_FORM = compensated.METHOD.name
+"""The closed-form method ``aecompress compress`` uses unless ``--method`` names another (docs/results.md)."""
+
 
 def get(name: str) -> Method:
     """The method of this name, or one line listing the valid ones."""

@@ -69,6 +69,11 @@ class Method:
         compress: ``(group, rows, target, stats, **options) -> StoredForm`` at or under ``target``, a
             :class:`~aecompress.core.budget.Budget`;
             None for a method that is trained (``aecompress fit`` or a benchmark recipe).
+        build: for a trained method, how it builds a group's trainable codec within a budget:
+            ``(group, target, **options) -> nn.Module`` whose ``forward(rows, index, norms)`` gives the
+            decoded rows at ``index`` (differentiably) and whose ``stored_tensors(rows)`` gives what its stored
+            form keeps, which ``decode`` reads back. ``aecompress fit`` trains it when ``model.method`` names it.
+            None for the autoencoder (``ae``), which the training module sizes and starts itself.
         needs: the calibration statistics ``compress`` reads (``covariance``, ``fisher``).
         budgeted: whether ``compress`` meets a byte budget; False for a method whose size is its own
             (another package's quantized checkpoint), which the benchmark measures once at that size.
@@ -77,6 +82,7 @@ class Method:
         defaults: the options ``aecompress compress`` gives it when none are given: its best measured recipe.
         tune_steps: the scale-tune steps ``aecompress compress`` gives it when ``--tune_steps`` is not given.
         renamed: old option name -> new one, still accepted with a deprecation line (configs written before).
+        reported: shown beside every fit at the same budget, in the table a fit ends with.
     """
 
     name: str
@@ -89,6 +95,8 @@ class Method:
     defaults: dict = field(default_factory=dict)
     tune_steps: int = 0
     renamed: dict = field(default_factory=dict)
+    build: Callable[..., nn.Module] | None = None
+    reported: bool = False
 
     @property
     def trained(self) -> bool:
@@ -109,10 +117,11 @@ class Method:
         return out
 
     def options(self) -> dict[str, object]:
-        """The compressor's keyword options and their defaults."""
-        if self.compress is None:
+        """The compressor's (or a trained method's builder's) keyword options and their defaults."""
+        made_by = self.compress or self.build
+        if made_by is None:
             return {}
-        params = inspect.signature(self.compress).parameters.values()
+        params = inspect.signature(made_by).parameters.values()
         return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 

@@ -57,4 +57,4 @@ def compress(
                       codes, layout)
 
 
-METHOD = Method("svd", decode=decode_factors, runtime=build_factors, compress=compress)
+METHOD = Method("svd", decode=decode_factors, runtime=build_factors, compress=compress, reported=True)

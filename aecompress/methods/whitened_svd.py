@@ -74,4 +74,5 @@ def compress(
                       {"damp": used, "tokens": stats.tokens}, stats, codes, layout)
 
 
-METHOD = Method("whitened_svd", decode=decode_factors, runtime=build_factors, compress=compress, needs=("covariance",))
+METHOD = Method("whitened_svd", decode=decode_factors, runtime=build_factors, compress=compress, needs=("covariance",),
+                reported=True)

@@ -1,4 +1,10 @@
-"""The LightningModule that trains one autoencoder per weight group."""
+"""The LightningModule that trains a trained method's codec per weight group: the autoencoder, or any other.
+
+``model.method`` names a trained method of the table (:mod:`aecompress.methods`). The autoencoder
+(``ae``, the default) is sized and started here (:mod:`.sizing`, :mod:`.start`); any other trained
+method builds its own codec from its row's ``build`` trait, and everything else (the losses, the
+model-level objective, validation, checkpoints, stored forms) is the same for both.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+import aecompress.methods as catalogue
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, substituted_params
 from aecompress.core.stored import StoredForm
@@ -39,10 +46,13 @@ LossKind = Literal["cos_rmse", "whitened", "output"]
 
 
 class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
-    """Autoencoders over stacked weight rows, sized to a stored-size budget.
+    """Codecs over stacked weight rows, sized to a stored-size budget: autoencoders, or another trained method's.
 
     Args:
         groups: weight groups with their budgets; linked from ``data.group_specs``.
+        method: the trained method to train (a name from ``aecompress.methods.METHODS``); default the autoencoder.
+            The options below from ``encoder`` to ``refine_codes`` shape the autoencoder only.
+        options: options of another trained method's codec (its row's ``build``); empty for the autoencoder.
         encoder: ``mlp`` or ``linear`` encoder, or ``free`` latents trained directly.
         decoder: ``mlp``, ``linear``, or ``residual`` (linear plus a small zero-initialized
             non-linear branch) decoder.
@@ -100,6 +110,8 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
     def __init__(
         self,
         groups: list[dict] | None = None,
+        method: str = catalogue.AUTOENCODER,
+        options: dict | None = None,
         encoder: EncoderKind = "mlp",
         decoder: DecoderKind = "mlp",
         encoder_widths: tuple[float, ...] = (8.0, 4.0),
@@ -158,6 +170,8 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         self.target = group_budget(groups[0], "target")
         # Each group's own budget: the target, or what an allocation plan gave it.
         self.budgets = {g["name"]: group_budget(g) for g in groups}
+        self.method, codec_options = method, options
+        built = self._builder(method, options, init, latent_storage, refine_codes)
         options = dict(
             encoder=encoder,
             decoder=decoder,
@@ -171,18 +185,43 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
             latent_storage=latent_storage,
         )
         self._options = options
-        self.specs: dict[str, AESpec] = {
-            g.name: self._placeholder(g) if self.latent_auto else self._solve(g, latent_storage) for g in self.groups
-        }
-        self.aes = nn.ModuleDict({group_key(g.name): GroupAutoencoder(self.specs[g.name], g.rows) for g in self.groups})
+        self.specs: dict[str, AESpec] = {}
+        if built is None:
+            self.specs = {g.name: self._placeholder(g) if self.latent_auto else self._solve(g, latent_storage)
+                          for g in self.groups}
+        self.aes = nn.ModuleDict({group_key(g.name): built(g, self.budgets[g.name], **(codec_options or {}))
+                                  if built is not None else GroupAutoencoder(self.specs[g.name], g.rows)
+                                  for g in self.groups})
         self.val_metrics = nn.ModuleList([ReconstructionError() for _ in self.groups])
         self.val_total = ReconstructionError()
         self.cos_weight, self.rmse_weight = cos_weight, rmse_weight
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self._log_sizes()
 
-    def autoencoder(self, name: str) -> GroupAutoencoder:
-        """The autoencoder of a group, by group name."""
+    @staticmethod
+    def _builder(method: str, options: dict | None, init: str, latent_storage: str, refine_codes) -> object:
+        """The row's ``build`` for a trained method other than the autoencoder, checked; None for the autoencoder."""
+        row = catalogue.get(method)
+        if not row.trained:
+            trained = [n for n, m in catalogue.METHODS.items() if m.trained and m.budgeted]
+            raise AECompressError(f"model.method {method!r} is not a trained method; valid: {', '.join(trained)} "
+                                  "(closed-form methods need no training: aecompress compress)")
+        if row.build is None:
+            if options:
+                raise AECompressError(f"model.options {options!r}: the autoencoder takes its options as model.* "
+                                      "(model.encoder, model.decoder...), not model.options")
+            return None
+        unknown = sorted(set(options or {}) - set(row.options()))
+        if unknown:
+            raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; valid: "
+                                  f"{', '.join(row.options()) or '(none)'}")
+        if init != "random" or latent_storage == "auto" or refine_codes == "auto":
+            raise AECompressError(f"model.init, latent_storage auto and refine_codes auto start the autoencoder "
+                                  f"from a factorization; method {method!r} builds its own codec")
+        return row.build
+
+    def autoencoder(self, name: str) -> nn.Module:
+        """The codec of a group (its autoencoder, or the trained method's codec), by group name."""
         return self.aes[group_key(name)]
 
     def on_fit_start(self) -> None:
@@ -254,6 +293,7 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
         ratios = {name: b.ratio for name, b in self.budgets.items()}
         planned = any(b != self.target for b in self.budgets.values())
         return {
+            **({"method": self.method} if self.method != catalogue.AUTOENCODER else {}),
             "target_ratio": self.target.ratio,
             **({"ratios": ratios} if planned else {}),
             "loss": self.loss_kind,
@@ -286,6 +326,7 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
             # module in training must stay on its own device and precision.
             ae = copy.deepcopy(self.autoencoder(g.name)).cpu().float()
             tensors = ae.stored_tensors(rows[g.name])
-            meta = {"spec": self.specs[g.name].to_dict(), "target_ratio": self.budgets[g.name].ratio}
-            forms[g.name] = StoredForm("ae", g, tensors, meta)
+            spec = {"spec": self.specs[g.name].to_dict()} if g.name in self.specs else {}
+            meta = {**spec, "target_ratio": self.budgets[g.name].ratio}
+            forms[g.name] = StoredForm(self.method, g, tensors, meta)
         return forms

@@ -47,8 +47,8 @@ class FitReport(Callback):
     Args:
         data: the text measured on; a held-out split (``wiki:test``) that nothing was selected on.
         max_tokens: use only the first this many tokens of ``data``.
-        baselines: closed-form methods measured beside it at the same target ratio (whitened
-            methods need ``data.calibration``; without it they are left out, with a note).
+        baselines: closed-form methods measured beside it at the same budget; default: the methods whose row is
+            ``reported`` (whitened methods need ``data.calibration``; without it they are left out, with a note).
         window: tokens per sequence for perplexities (default: the metric's own).
     """
 
@@ -56,7 +56,7 @@ class FitReport(Callback):
                  baselines: list[str] | None = None, window: int | None = None):
         parse_spec(data)
         self.data, self.max_tokens, self.window = data, max_tokens, window
-        self.baselines = ["svd", "whitened_svd"] if baselines is None else list(baselines)
+        self.baselines = [n for n, m in methods.METHODS.items() if m.reported] if baselines is None else list(baselines)
         for name in self.baselines:
             if methods.get(name).trained:
                 raise AECompressError(f"FitReport baseline {name!r} is trained; valid: {', '.join(methods.compressors())}")

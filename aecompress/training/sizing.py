@@ -75,7 +75,7 @@ class SpecSizing:
         return next(iter(self._fitting_widths(group).values()))
 
     def _log_sizes(self, groups: list[WeightGroup] | None = None) -> None:
-        for g in groups or self.groups:
+        for g in groups or [g for g in self.groups if g.name in self.specs]:  # the autoencoder's sizes
             spec = self.specs[g.name]
             stored = spec.stored_bytes(g.rows)
             codes = "" if spec.latent_bits is None else f" (latents {spec.latent_storage})"
