@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aecompress.blocks.base import Method
 from aecompress.core.budget import Budget, infeasible_bytes
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Method
 
 
 class LinearCodec(nn.Module):

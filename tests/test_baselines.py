@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecompress import load_compact
+from aecompress.blocks.base import GroupStats
+from aecompress.blocks.factorize import Factorization
+from aecompress.blocks.factors import _ranks, factor_bytes
 from aecompress.core.bits import pack_bits, unpack_bits
 from aecompress.core.budget import Budget
 from aecompress.core.codes import BITS
@@ -20,9 +23,6 @@ from aecompress.data.calibration import collect
 from aecompress.formats.export import export
 from aecompress.methods import METHODS as METHOD_TABLE
 from aecompress.methods import compress, compressors, decode, options
-from aecompress.methods.base import GroupStats
-from aecompress.methods.factorize import Factorization
-from aecompress.methods.factors import _ranks, factor_bytes
 from aecompress.methods.prune import index_dtype, position_costs
 from tests.conftest import TINY, build_tiny
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from aecompress.blocks.autoencoder_nets import GroupAutoencoder, solve_spec
 from aecompress.core.budget import Budget, stored_bytes, stored_numbers
 from aecompress.core.errors import AECompressError
-from aecompress.methods.autoencoder_nets import GroupAutoencoder, solve_spec
 
 OPTIONS = dict(encoder="mlp", decoder="mlp", encoder_widths=(8.0, 4.0), decoder_widths=(2.0, 4.0),
                latent_width=1.0, out_activation="tanh", enforce_norm=True)
@@ -35,7 +35,7 @@ def test_solution_is_the_largest_that_fits():
     spec = solve_spec("g", rows, width, Budget.of_ratio(ratio), **OPTIONS)
     bigger = solve_spec("g", rows, width, Budget.of_bits(31.9), **OPTIONS)
     assert spec.latent < bigger.latent
-    from aecompress.methods.autoencoder_nets import spec_for_scale
+    from aecompress.blocks.autoencoder_nets import spec_for_scale
 
     assert spec_for_scale(spec.latent + 1, width, **OPTIONS).stored_bytes(rows) > budget
 

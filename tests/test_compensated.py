@@ -7,11 +7,11 @@ Budget, export round trips and the run-time form are covered for every method of
 import pytest
 import torch
 
+from aecompress.blocks.base import GroupStats
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup
 from aecompress.methods import compress, decode
-from aecompress.methods.base import GroupStats
 
 
 def _case(seed: int = 0, width: int = 128):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from aecompress.blocks.grids import grid, searched
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup
 from aecompress.methods import compress, decode
-from aecompress.methods.quantize import grid, searched
 
 
 def _rows(seed: int = 0) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_an_unknown_grid_is_refused_with_the_valid_ones():
 
 @pytest.mark.parametrize("grid", ["minmax", "mse"])
 def test_integer_zeros_cost_the_code_width_and_decode_on_the_grid(grid):
-    from aecompress.methods.quantize import unpacked
+    from aecompress.blocks.grids import unpacked
 
     float_zero = compress("quantize", _group(), _rows(), Budget.of_ratio(32 / 3.5), dtype="float16", group_size=64, code_bits=3,
                           grid=grid)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from aecompress.blocks.factorize import Factorization
+from aecompress.blocks.lowbit import GAIN_EXPONENTS, balance, gains, layout_error, pick_bits, refine, rounding_error
 from aecompress.core.codes import BITS, dequantize_rows, quantize_rows
-from aecompress.methods.factorize import Factorization
-from aecompress.methods.lowbit import GAIN_EXPONENTS, balance, gains, layout_error, pick_bits, refine, rounding_error
 
 
 def spectrum_matrix(rows=96, width=24, seed=0) -> torch.Tensor:

@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from aecompress import load_compact
+from aecompress.blocks.base import GroupStats
+from aecompress.blocks.factorize import Factorization
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup, assign_rows, extract_rows
@@ -31,8 +33,6 @@ from aecompress.data.calibration import collect
 from aecompress.formats.export import export
 from aecompress.methods import METHODS as METHOD_TABLE
 from aecompress.methods import compress, compressors, decode
-from aecompress.methods.base import GroupStats
-from aecompress.methods.factorize import Factorization
 from aecompress.training.module import CompressorModule
 from tests.conftest import TINY, build_tiny
 

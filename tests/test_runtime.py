@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from aecompress import load_compact, methods
+from aecompress.blocks.factors import FactorRows
 from aecompress.cli import main
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
@@ -19,7 +20,6 @@ from aecompress.data.calibration import collect
 from aecompress.formats.export import export
 from aecompress.methods import compress
 from aecompress.methods.autoencoder import AERows
-from aecompress.methods.factors import FactorRows
 from aecompress.runtime.bench import resident_bytes
 from aecompress.runtime.load import load_runtime
 from aecompress.runtime.modules import CompressedEmbedding, CompressedLinear

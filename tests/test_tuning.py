@@ -11,8 +11,8 @@ from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import collect
+from aecompress.formats.substitute import decode_all, substituted
 from aecompress.methods import compress
-from aecompress.methods.substitute import decode_all, substituted
 
 
 def _setup(method: str, options: dict):

@@ -38,7 +38,7 @@ from aecompress.evaluation import allocation
 from aecompress.evaluation.metrics import evaluate_model, targets_for
 from aecompress.formats.sidecar import covered
 from aecompress.formats.sources import load_model, model_kind
-from aecompress.methods.substitute import decode_all, substituted
+from aecompress.formats.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 import aecompress.methods as catalogue
+from aecompress.blocks.base import GroupStats
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.tuning import checked_options, tune
 from aecompress.core.budget import Budget
@@ -18,7 +19,6 @@ from aecompress.core.groups import WeightGroup, extract_rows
 from aecompress.core.stored import StoredForm
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation
-from aecompress.methods.base import GroupStats
 
 
 def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: list[WeightGroup], target: Budget,

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aecompress.blocks.base import GroupStats
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.data import statistics
@@ -33,7 +34,6 @@ from aecompress.data.specs import held_out, parse_spec
 from aecompress.data.tokens import token_ids, windows
 from aecompress.formats.packaged import cache_dir
 from aecompress.formats.sources import max_positions, model_kind
-from aecompress.methods.base import GroupStats
 
 log = logging.getLogger(__name__)
 

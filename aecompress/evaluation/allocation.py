@@ -27,7 +27,7 @@ from aecompress.data.tokens import token_ids
 from aecompress.evaluation.metrics import evaluate_model, targets_for
 from aecompress.evaluation.sentences import fidelity_reference
 from aecompress.formats.sources import model_kind
-from aecompress.methods.substitute import decode_all, substituted
+from aecompress.formats.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aecompress.blocks.base import check_fields
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target, sha256
 from aecompress.core.groups import WeightGroup, assign_rows
@@ -27,9 +28,8 @@ from aecompress.formats.extras import copy_aux_files
 from aecompress.formats.manifest import write_manifest
 from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.formats.sources import auto_class
+from aecompress.formats.substitute import decode_all
 from aecompress.methods import METHODS
-from aecompress.methods.base import check_fields
-from aecompress.methods.substitute import decode_all
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from aecompress.core.files import atomic_directory, check_target
 from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
-from aecompress.methods.substitute import decode_all, substituted
+from aecompress.formats.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
 

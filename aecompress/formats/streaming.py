@@ -37,7 +37,7 @@ from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
 from aecompress.formats.lazy import INDEX, TensorFiles, checkpoint_keys
-from aecompress.methods.substitute import decode_all
+from aecompress.formats.substitute import decode_all
 
 log = logging.getLogger(__name__)
 

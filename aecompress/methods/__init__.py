@@ -1,6 +1,6 @@
 """Every compression method, in one fixed table, and the entry points that use it.
 
-A method is one module here exporting ``METHOD`` (see :class:`~aecompress.methods.base.Method`):
+A method is one module here exporting ``METHOD`` (see :class:`~aecompress.blocks.base.Method`):
 its compressor, decoder, run-time row sources and the statistics it needs. ``METHODS`` is
 filled from below, by importing those modules; nothing in it is looked up by a name read
 from a file or a config, and no layer above names a method. Adding a method is one new
@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from aecompress.blocks.base import Built, GroupStats, Method
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
@@ -29,7 +30,6 @@ from aecompress.methods import (
     tucker,
     whitened_svd,
 )
-from aecompress.methods.base import Built, GroupStats, Method
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Its stored form keeps the latents (float, or 3- to 8-bit codes with a float16 sc
 the decoder's weights and biases, and the row norms when they are enforced. It has no
 closed-form compressor: forms come from training (``aecompress fit`` or a benchmark recipe,
 see :mod:`aecompress.training`). The networks and their sizing are in
-:mod:`aecompress.methods.autoencoder_nets`.
+:mod:`aecompress.blocks.autoencoder_nets`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecompress.blocks.autoencoder_nets import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder
+from aecompress.blocks.base import Built, Method
 from aecompress.core.codes import runtime_values
 from aecompress.core.errors import AECompressError
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
-from aecompress.methods.autoencoder_nets import NORM_EPS, AESpec, ResidualDecoder, apply_decoder, build_decoder
-from aecompress.methods.base import Built, Method
 
 
 class AERows(RowSource):

@@ -13,7 +13,7 @@ on all-MiniLM-L6-v2 at 2.5 bits per weight raised embedding fidelity on validati
 grid (``zeros: int``), a few bits instead of a float16, and the bytes it frees widen more rows.
 
 With ``fill``, the bytes a whole code width leaves unspent widen some rows by one bit
-(:mod:`aecompress.methods.mixed_rows`): the rows whose rounding error, weighted by their inputs'
+(:mod:`aecompress.blocks.mixed_rows`): the rows whose rounding error, weighted by their inputs'
 second moment, falls most from the extra bit.
 """
 
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from aecompress.blocks import grids as kbit
+from aecompress.blocks import mixed_rows
+from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, meta, needs_stats
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods import mixed_rows, quantize
-from aecompress.methods.base import Built, GroupStats, Method, float_dtype, meta, needs_stats
+from aecompress.methods import quantize
 
 MAX_BITS = 8
 AUTO_GROUP_SIZES = (96, 128, 64, 192, 32)
@@ -45,8 +47,8 @@ def _row_errors(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, 
     rows, cols = w.shape
     grouped = w.float().reshape(rows * (cols // g), g)
     repeat = levels.repeat_interleave(cols // g)
-    scale, zero = quantize.fitted(grouped, repeat, store, kind, zeros)
-    q = zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * quantize.rounded(
+    scale, zero = kbit.fitted(grouped, repeat, store, kind, zeros)
+    q = zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * kbit.rounded(
         grouped, scale.unsqueeze(1), zero.unsqueeze(1), repeat.unsqueeze(1))
     return ((grouped - q) ** 2).view(rows, cols).mul(torch.diagonal(h).float().clamp(min=0)).sum(dim=1)
 
@@ -90,14 +92,14 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
     factor = _inverse_factor(h[perm][:, perm], damp)
     w = original[:, perm]  # a copy: the updates below never touch the original columns
     codes = torch.zeros(rows, cols, dtype=torch.int32)
-    grids = [quantize.fitted(original[:, s : s + g].float(), levels, store, kind, zeros) for s in range(0, cols, g)] \
+    grids = [kbit.fitted(original[:, s : s + g].float(), levels, store, kind, zeros) for s in range(0, cols, g)] \
         if order == "activation" else [None] * (cols // g)
     for jj in range(cols):
         j = int(perm[jj])
         if order == "natural" and j % g == 0:
-            grids[j // g] = quantize.fitted(w[:, jj : jj + g].float(), levels, store, kind, zeros)
+            grids[j // g] = kbit.fitted(w[:, jj : jj + g].float(), levels, store, kind, zeros)
         scale, zero = grids[j // g]
-        q = quantize.rounded(w[:, jj].float(), scale, zero, levels)
+        q = kbit.rounded(w[:, jj].float(), scale, zero, levels)
         codes[:, j] = q.to(torch.int32)
         error = (w[:, jj] - (zero.double() + scale.double() * q.double())) / factor[jj, jj]
         w[:, jj + 1 :] -= error.unsqueeze(1) * factor[jj, jj + 1 :].unsqueeze(0)
@@ -151,13 +153,13 @@ def compress(
         raise AECompressError(f"method 'compensated' needs the input of a linear layer for every matrix of {group.name!r}")
     if order not in ("natural", "activation"):
         raise AECompressError(f"compensated order {order!r} is not one of: natural, activation")
-    kind = quantize.check_grid(grid, "compensated", zeros)
+    kind = kbit.check_grid(grid, "compensated", zeros)
     if not isinstance(fill, bool):
         raise AECompressError(f"compensated fill must be true or false, got {fill!r}")
     budget = target.bytes(m, n)
 
     def cost(k: int) -> int:
-        return quantize.code_cost(m, n, k, group_size, store, zeros)
+        return kbit.code_cost(m, n, k, group_size, store, zeros)
 
     chosen = largest_fitting(cost, budget, MAX_BITS) if code_bits is None else code_bits
     if chosen is None or cost(chosen) > budget:
@@ -171,7 +173,7 @@ def compress(
     if count:
         tensors = mixed_rows.tensors(codes, wide, chosen, scale, zero, zeros)
     else:
-        tensors = quantize.stored(codes, chosen, scale, zero, zeros)
+        tensors = kbit.stored(codes, chosen, scale, zero, zeros)
     return StoredForm("compensated", group, tensors, meta(target, budget, bits=chosen, dtype=dtype,
                                                           group_size=group_size, damp=damp, wide_rows=count,
                                                           order=order, grid=kind, zeros=zeros))

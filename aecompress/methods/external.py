@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from aecompress.blocks.base import GroupStats, Method, meta
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import safetensors_header
 from aecompress.core.groups import WeightGroup
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import GroupStats, Method, meta
 
 MANIFEST = "aecompress-peer.json"
 NATIVE = "native"

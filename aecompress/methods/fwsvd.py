@@ -11,13 +11,8 @@ from typing import Literal
 
 import torch
 
-from aecompress.core.budget import Budget
-from aecompress.core.dtypes import FloatDtype
-from aecompress.core.errors import AECompressError
-from aecompress.core.groups import WeightGroup
-from aecompress.core.stored import StoredForm
-from aecompress.methods.base import GroupStats, Method, choice, needs_stats
-from aecompress.methods.factors import (
+from aecompress.blocks.base import GroupStats, Method, choice, needs_stats
+from aecompress.blocks.factors import (
     Allocation,
     Codes,
     Layout,
@@ -27,6 +22,11 @@ from aecompress.methods.factors import (
     decode_factors,
     factorize,
 )
+from aecompress.core.budget import Budget
+from aecompress.core.dtypes import FloatDtype
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup
+from aecompress.core.stored import StoredForm
 
 Normalize = Literal["member", "group"]
 

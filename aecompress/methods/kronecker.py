@@ -14,13 +14,13 @@ import math
 import torch
 from torch import nn
 
+from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta, offsets
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Built, GroupStats, Method, float_dtype, item_size, meta, offsets
 
 CANDIDATES = 8
 """How many of the most balanced shape splits are tried (each costs the singular values of ``R``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta, offsets
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting, packed_bytes
 from aecompress.core.dtypes import FloatDtype
@@ -16,7 +17,6 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Built, GroupStats, Method, float_dtype, item_size, meta, offsets
 
 
 def index_dtype(largest: int) -> torch.dtype:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from aecompress.core.budget import Budget
-from aecompress.core.dtypes import FloatDtype
-from aecompress.core.groups import WeightGroup
-from aecompress.core.stored import StoredForm
-from aecompress.methods.base import GroupStats, Method, choice
-from aecompress.methods.factors import (
+from aecompress.blocks.base import GroupStats, Method, choice
+from aecompress.blocks.factors import (
     Allocation,
     Codes,
     Layout,
@@ -23,6 +19,10 @@ from aecompress.methods.factors import (
     decode_factors,
     factorize,
 )
+from aecompress.core.budget import Budget
+from aecompress.core.dtypes import FloatDtype
+from aecompress.core.groups import WeightGroup
+from aecompress.core.stored import StoredForm
 
 
 def compress(

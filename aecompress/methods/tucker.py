@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Built, GroupStats, Method, float_dtype, item_size, meta
 
 STEPS = 64
 """Rank candidates per layer rank: ``k2`` and ``k3`` grow together over this many steps."""

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from aecompress.core.budget import Budget
-from aecompress.core.dtypes import FloatDtype
-from aecompress.core.errors import AECompressError
-from aecompress.core.groups import WeightGroup
-from aecompress.core.stored import StoredForm
-from aecompress.methods.base import GroupStats, Method, choice, needs_stats
-from aecompress.methods.factorize import whitening
-from aecompress.methods.factors import (
+from aecompress.blocks.base import GroupStats, Method, choice, needs_stats
+from aecompress.blocks.factorize import whitening
+from aecompress.blocks.factors import (
     Allocation,
     Codes,
     Layout,
@@ -26,6 +21,11 @@ from aecompress.methods.factors import (
     decode_factors,
     factorize,
 )
+from aecompress.core.budget import Budget
+from aecompress.core.dtypes import FloatDtype
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup
+from aecompress.core.stored import StoredForm
 
 
 def compress(

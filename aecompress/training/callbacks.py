@@ -22,7 +22,7 @@ from aecompress.evaluation.metrics import check_metrics, default_metrics, evalua
 from aecompress.evaluation.models import load_tokenizer
 from aecompress.evaluation.paired import paired_z
 from aecompress.evaluation.sentences import fidelity_reference
-from aecompress.methods.substitute import decode_all, substituted
+from aecompress.formats.substitute import decode_all, substituted
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 from lightning.fabric.plugins import CheckpointIO
 
+from aecompress.blocks.autoencoder_nets import AESpec
 from aecompress.core.errors import AECompressError
-from aecompress.methods.autoencoder_nets import AESpec
 
 SIGNATURE = "aecompress_signature"
 DERIVED = {"latent", "decoder_hidden", "encoder_hidden"}

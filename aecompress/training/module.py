@@ -18,10 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 import aecompress.methods as catalogue
-from aecompress.core.errors import AECompressError
-from aecompress.core.groups import WeightGroup, substituted_params
-from aecompress.core.stored import StoredForm
-from aecompress.methods.autoencoder_nets import (
+from aecompress.blocks.autoencoder_nets import (
     AESpec,
     DecoderKind,
     EncoderKind,
@@ -30,7 +27,10 @@ from aecompress.methods.autoencoder_nets import (
     OutActivation,
     StorageDtype,
 )
-from aecompress.methods.factorize import DEFAULT_DAMP
+from aecompress.blocks.factorize import DEFAULT_DAMP
+from aecompress.core.errors import AECompressError
+from aecompress.core.groups import WeightGroup, substituted_params
+from aecompress.core.stored import StoredForm
 from aecompress.training import checkpoints
 from aecompress.training.checkpoints import SIGNATURE
 from aecompress.training.losses import row_loss, whitened_loss
@@ -92,11 +92,11 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
             rounding (straight-through), so the latents validated are the latents stored.
         latent_layout: with integer latents and a factorization start, ``balanced`` rescales
             the starting codes' columns (and the decoder's inputs) so that rounding spreads
-            evenly (see :mod:`aecompress.methods.lowbit`); ``plain`` starts from the codes as factored.
+            evenly (see :mod:`aecompress.blocks.lowbit`); ``plain`` starts from the codes as factored.
         refine_codes: with integer latents, a linear or residual decoder and a factorization
             start, let the latent grow past the factorization's full rank where the budget
             allows (low ratios): each extra latent column starts as the rounding residual of a
-            leading column, stored finer (see :func:`aecompress.methods.lowbit.refine`). A factorization
+            leading column, stored finer (see :func:`aecompress.blocks.lowbit.refine`). A factorization
             cannot use that budget; its rank stops at the matrix's smaller side. ``auto``: keep
             them only where the model measures better with them, before the first step, by at
             least the ``ModelQualityCallback``'s ``significance`` standard errors of the paired

@@ -29,7 +29,7 @@ from aecompress.evaluation.metrics import evaluate_model, targets_for
 from aecompress.evaluation.models import load_tokenizer
 from aecompress.evaluation.sentences import fidelity_reference
 from aecompress.formats.sources import model_kind, public_name
-from aecompress.methods.substitute import decode_all, substituted
+from aecompress.formats.substitute import decode_all, substituted
 from aecompress.training.checkpoints import load_weights
 from aecompress.training.rundir import run_directory
 

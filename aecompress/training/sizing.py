@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from aecompress.blocks.autoencoder_nets import AESpec, GroupAutoencoder, solve_spec, spec_for_scale
+from aecompress.blocks.factorize import Factorization
+from aecompress.blocks.lowbit import pick_bits
 from aecompress.core.budget import Budget, original_bytes
 from aecompress.core.codes import BITS
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
-from aecompress.methods.autoencoder_nets import AESpec, GroupAutoencoder, solve_spec, spec_for_scale
-from aecompress.methods.factorize import Factorization
-from aecompress.methods.lowbit import pick_bits
 from aecompress.training.checkpoints import SIGNATURE
 
 log = logging.getLogger(__name__)

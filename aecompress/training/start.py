@@ -13,12 +13,12 @@ import logging
 
 import torch
 
+from aecompress.blocks.autoencoder_nets import AESpec
+from aecompress.blocks.factorize import Factorization, whitening
+from aecompress.blocks.lowbit import balance
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.evaluation.paired import paired_z
-from aecompress.methods.autoencoder_nets import AESpec
-from aecompress.methods.factorize import Factorization, whitening
-from aecompress.methods.lowbit import balance
 from aecompress.training.callbacks import ModelQualityCallback
 from aecompress.training.sizing import group_key
 
@@ -129,10 +129,10 @@ class StartSelection:
     ) -> None:
         """Set free latents and the linear decoder to a rank-``latent`` factorization of ``rows``.
 
-        Integer latents start from the balanced codes (:func:`aecompress.methods.lowbit.balance`)
+        Integer latents start from the balanced codes (:func:`aecompress.blocks.lowbit.balance`)
         that a factorization baseline of this rank and width stores; the autoencoder's
         own rank can be a little lower, since its decoder bias is stored too. Latent
-        columns past the full rank start as refinement codes (:func:`aecompress.methods.lowbit.refine`).
+        columns past the full rank start as refinement codes (:func:`aecompress.blocks.lowbit.refine`).
         With a residual decoder the non-linear branch starts at zero, so the decoded rows
         equal the factorization exactly at step 0.
         """

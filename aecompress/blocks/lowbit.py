@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from aecompress.blocks.factorize import Factorization
 from aecompress.core.codes import dequantize_rows, levels, quantize_rows
-from aecompress.methods.factorize import Factorization
 
 GAIN_EXPONENTS = (0.0, 0.125, 0.25, 0.5, 1.0)  # α; 1.0 is the plain layout
 

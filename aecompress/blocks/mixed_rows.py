@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from aecompress.blocks.base import Built, item_size, offsets
+from aecompress.blocks.grids import dequantized, packed, unpacked, zero_codes
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import packed_bytes
 from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Built, item_size, offsets
-from aecompress.methods.quantize import dequantized, packed, unpacked, zero_codes
 
 
 def cost(rows: int, width: int, bits: int, wide: int, group_size: int, store: torch.dtype, zeros: str = "float") -> int:

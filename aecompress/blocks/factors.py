@@ -1,9 +1,9 @@
 """The stored form the factorizations share: ``W' = A @ B``, sized, stored, decoded and run.
 
 svd, fwsvd and whitened_svd differ only in the row scales and whitening they factor with
-(:class:`~aecompress.methods.factorize.Factorization`); how many ranks fit the budget, how
+(:class:`~aecompress.blocks.factorize.Factorization`); how many ranks fit the budget, how
 ``A`` is stored (float, or 3- to 8-bit codes with balanced columns, see
-:mod:`aecompress.methods.lowbit`), how the form decodes and how it runs per layer are here,
+:mod:`aecompress.blocks.lowbit`), how the form decodes and how it runs per layer are here,
 once. ``A`` is computed as ``A = (W L) V_r`` and ``B = V_rᵀ L⁻¹`` from the right singular
 vectors ``V_r`` of ``diag(c) W L`` (``c`` and ``L`` are identity where a method has none),
 which equals ``diag(1/c) U_r S_r`` without ever dividing by a zero row weight.
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecompress.blocks.base import Built, GroupStats, choice, float_dtype, item_size, meta
+from aecompress.blocks.factorize import Factorization
+from aecompress.blocks.lowbit import balance, pick_bits
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.codes import BITS, SCALES_SUFFIX, code_bytes, pack_codes, quantize_rows, runtime_values
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
-from aecompress.methods.base import Built, GroupStats, choice, float_dtype, item_size, meta
-from aecompress.methods.factorize import Factorization
-from aecompress.methods.lowbit import balance, pick_bits
 
 Sharing = Literal["group", "layer"]
 Allocation = Literal["uniform", "greedy"]
@@ -121,7 +121,7 @@ def factorize(
 
     With integer ``codes``, ``A`` (one row of codes per weight row) is stored in that many bits
     with a float16 scale per row (:mod:`aecompress.core.codes`), its columns balanced first
-    (:mod:`aecompress.methods.lowbit`); ``auto`` picks the width with the least truncation plus
+    (:mod:`aecompress.blocks.lowbit`); ``auto`` picks the width with the least truncation plus
     rounding error. ``B`` stays in ``dtype``.
     """
     store = float_dtype(dtype, group, method)

@@ -1,0 +1,138 @@
+"""k-bit grids for grouped codes: their cost, fitting (min-max or clipped), rounding, packing and dequantizing.
+
+``quantize`` rounds to nearest on these grids and ``compensated`` rounds with error feedback; both,
+and ``mixed_rows``, store and read codes through the functions here, so the stored layout is one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aecompress.blocks.base import item_size
+from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
+from aecompress.core.budget import packed_bytes
+from aecompress.core.errors import AECompressError
+
+MAX_BITS = 8
+GRIDS = ("minmax", "mse")
+ZEROS = ("float", "int")
+SHRINK = torch.linspace(1.0, 0.4, 25)
+"""Fractions of a run's min-max range that the ``mse`` grid tries (both ends scaled towards zero)."""
+
+
+def code_cost(rows: int, width: int, bits: int, group_size: int, store: torch.dtype, zeros: str = "float") -> int:
+    """Bytes of ``bits``-bit codes packed end to end, plus a scale and a zero per ``group_size`` columns of each row
+    (a float zero in ``store``, or a ``bits``-bit integer zero code, packed)."""
+    runs = rows * (width // group_size)
+    if zeros == "int":
+        return packed_bytes(rows * width, bits) + runs * item_size(store) + packed_bytes(runs, bits)
+    return packed_bytes(rows * width, bits) + 2 * runs * item_size(store)
+
+
+def packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``0 .. 2^bits - 1`` as the one packed bit stream (each code's bits, lowest first)."""
+    stream = (codes.flatten().to(torch.int32).unsqueeze(1) >> torch.arange(bits, dtype=torch.int32)) & 1
+    return pack_bits(stream.flatten())
+
+
+def unpacked(stream: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`packed`: the first ``count`` codes of a stream, as int32."""
+    weights = torch.arange(bits, dtype=torch.int32, device=stream.device)
+    return (unpack_bits(stream, count * bits).view(count, bits).to(torch.int32) << weights).sum(dim=1, dtype=torch.int32)
+
+
+def grid(w: torch.Tensor, levels, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale and zero of each run of ``w``'s last dimension: its range over ``levels`` steps, and its minimum."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    return ((high - low) / levels).to(store), low.to(store)
+
+
+def snapped(low: torch.Tensor, high: torch.Tensor, levels, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale over ``low .. high`` and a zero on its own grid, ``-scale * zero_code`` (float32, exact).
+
+    A flat run keeps its one value: its scale is that value's size over ``levels`` steps.
+    """
+    spread = torch.where(high > low, high - low, low.abs())
+    scale = (spread / torch.as_tensor(levels, dtype=torch.float32)).to(store)
+    return scale, -scale.float() * zero_codes(scale, low, levels).float()
+
+
+def zero_codes(scale: torch.Tensor, zero: torch.Tensor, levels) -> torch.Tensor:
+    """The integer codes ``0 .. levels`` nearest ``-zero / scale`` (int32): where a run's minimum ``zero`` lies on
+    its grid, and so the stored code of a zero made by :func:`snapped`."""
+    s = scale.float()
+    code = torch.where(s > 0, torch.round(-zero.float() / torch.where(s > 0, s, 1)), 0)
+    return torch.minimum(code.clamp(min=0), torch.as_tensor(levels, dtype=code.dtype).expand_as(code)).to(torch.int32)
+
+
+def searched(w: torch.Tensor, levels, store: torch.dtype, zeros: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale and zero of each run of ``w``'s last dimension whose own rounding error is least,
+    among its min-max range scaled towards zero by each of :data:`SHRINK` (the first is min-max itself)."""
+    w = w.float()
+    steps = torch.as_tensor(levels, dtype=torch.float32)
+    per_run = steps.unsqueeze(-1) if steps.dim() else steps
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    best = None
+    for fraction in SHRINK.tolist():
+        if zeros == "int":
+            scale, zero = snapped(low * fraction, high * fraction, levels, store)
+        else:
+            scale, zero = ((high - low) * fraction / steps).to(store), (low * fraction).to(store)
+        fit = zero.float().unsqueeze(-1) + scale.float().unsqueeze(-1) * rounded(
+            w, scale.unsqueeze(-1), zero.unsqueeze(-1), per_run)
+        error = (w - fit).pow(2).sum(dim=-1)
+        if best is None:
+            best = (scale, zero, error)
+            continue
+        better = error < best[2]
+        best = tuple(torch.where(better, new, old) for new, old in zip((scale, zero, error), best))
+    return best[0], best[1]
+
+
+def fitted(w: torch.Tensor, levels, store: torch.dtype, kind: str = "minmax",
+           zeros: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored scale and zero of each run by the named grid (see :data:`GRIDS`); an ``int`` zero lies on the grid."""
+    if kind == "mse":
+        return searched(w, levels, store, zeros)
+    if zeros == "int":
+        return snapped(w.float().amin(dim=-1), w.float().amax(dim=-1), levels, store)
+    return grid(w, levels, store)
+
+
+def check_grid(kind: str, method: str, zeros: str = "float") -> str:
+    """``kind`` if it names a grid and ``zeros`` a zero storage; otherwise one clear error naming the valid ones."""
+    if kind not in GRIDS:
+        raise AECompressError(f"{method} grid {kind!r} is not one of: {', '.join(GRIDS)}")
+    if zeros not in ZEROS:
+        raise AECompressError(f"{method} zeros {zeros!r} is not one of: {', '.join(ZEROS)}")
+    return kind
+
+
+def stored(codes: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor, zeros: str) -> dict:
+    """The stored tensors of single-width codes: packed codes, scales, and float zeros or packed zero codes."""
+    if zeros == "int":
+        return {"codes": packed(codes, bits), "scale": scale.contiguous(),
+                "zero_codes": packed(zero_codes(scale, zero, 2**bits - 1), bits)}
+    return {"codes": packed(codes, bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
+
+
+def zeros_of(tensors: dict, scale: torch.Tensor, start: int, count: int, bits: int) -> torch.Tensor:
+    """The float zeros of ``count`` runs from run ``start``: stored, or ``-scale * zero_code`` (scale: those runs')."""
+    codes = unpacked(bit_slice(tensors["zero_codes"], start * bits, count * bits), count, bits)
+    return -scale.float() * codes.view(scale.shape).float()
+
+
+def rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels) -> torch.Tensor:
+    """The nearest codes ``0 .. levels`` of ``w`` on the stored grid (a flat range gets code 0); ``levels`` may vary by row."""
+    s, z = scale.float(), zero.float()
+    codes = torch.where(s > 0, torch.round((w - z) / torch.where(s > 0, s, 1)), 0).clamp(min=0)
+    return torch.minimum(codes, torch.as_tensor(levels, dtype=codes.dtype, device=codes.device))
+
+
+def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``zero + scale * code`` for (rows x width) codes, with one scale and zero per row or per group of columns."""
+    m, n = codes.shape
+    if scale.dim() == 1:
+        return zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * codes.float()
+    grouped = codes.float().view(m, scale.shape[1], -1)
+    return (zero.float().unsqueeze(2) + scale.float().unsqueeze(2) * grouped).reshape(m, n)
