@@ -54,10 +54,11 @@ def _failed_runs(rows: list[Row], label: Callable[[Row], str]) -> list[str]:
     return ["## Failed runs", "", *(f"- {r.group} / {r.method} / {label(r)}: {r.note}" for r in failures), ""]
 
 
-def plot(rows: list[Row], split: str, path: Path, against: str = "ratio") -> Path | None:
+def plot(rows: list[Row], split: str, path: Path, against: str = "ratio", trained: frozenset[str] = frozenset()) -> Path | None:
     """Quality against size, one panel per group and metric, one line per method.
 
     Args:
+        trained: labels of the rows a trained method made, drawn to stand out.
         against: ``ratio`` (the target ratio, log scale) or ``bits`` (the achieved bits per weight,
             so methods at their own size, other packages' checkpoints, sit where they are).
     """
@@ -80,7 +81,7 @@ def plot(rows: list[Row], split: str, path: Path, against: str = "ratio") -> Pat
     # One style per method in every panel; past ten methods the default colour cycle repeats.
     names = list(dict.fromkeys(r.method for r in measured if r.method != "original"))
     palette = plt.get_cmap("tab20")
-    styles = {name: _style(name, palette(i % 20)) for i, name in enumerate(names)}
+    styles = {name: _style(name in trained, palette(i % 20)) for i, name in enumerate(names)}
     for ax, (group, metric) in zip(axes.flatten(), panels):
         for method in dict.fromkeys(r.method for r in measured if r.group == group and r.method != "original"):
             points = sorted(
@@ -113,9 +114,9 @@ def plot(rows: list[Row], split: str, path: Path, against: str = "ratio") -> Pat
     return path
 
 
-def _style(method: str, color) -> dict:
-    """Autoencoder rows (``ae...``) stand out: thicker lines and star markers."""
-    if method.startswith("ae"):
+def _style(trained: bool, color) -> dict:
+    """Rows of trained methods (the autoencoder's recipes) stand out: thicker lines and star markers."""
+    if trained:
         return {"color": color, "marker": "*", "markersize": 9, "linewidth": 2.2}
     return {"color": color, "marker": "o", "markersize": 4, "linewidth": 1.2}
 

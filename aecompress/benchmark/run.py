@@ -213,12 +213,13 @@ def benchmark(
     if bench.plans:  # appended to the plans of earlier (resumed) runs
         earlier = json.loads((out / "plans.json").read_text()) if (out / "plans.json").is_file() else []
         (out / "plans.json").write_text(json.dumps(earlier + bench.plans, indent=1) + "\n")
+    trained = frozenset(c.label for c in methods if catalogue.get(c.method).trained)
     if bits:
         (out / "results.md").write_text(whole_model_markdown(results.rows, data))
-        png = plot(results.rows, data, out / "quality_vs_bits.png", against="bits")
+        png = plot(results.rows, data, out / "quality_vs_bits.png", against="bits", trained=trained)
     else:
         (out / "results.md").write_text(markdown(results.rows, data))
-        png = plot(results.rows, data, out / "quality_vs_ratio.png")
+        png = plot(results.rows, data, out / "quality_vs_ratio.png", trained=trained)
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}" + (f", {png}" if png else ""))
 
 

@@ -52,6 +52,9 @@ METHODS: dict[str, Method] = {
 
 AUTOENCODER = autoencoder.METHOD.name
 """The trained method ``aecompress fit`` trains unless ``model.method`` names another."""
+ALLOCATION_PROXY = (whitened_svd.METHOD.name, {"dtype": "float16", "codes": "auto"})
+"""The closed-form method (and options) a trained method's measured allocation measures each group's
+sensitivity with: the start the autoencoder's best recipes train from."""
 BEST_CLOSED_FORM = compensated.METHOD.name
 """The closed-form method ``aecompress compress`` uses unless ``--method`` names another (docs/results.md)."""
 

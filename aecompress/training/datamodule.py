@@ -214,9 +214,10 @@ class WeightRowsDataModule(L.LightningDataModule):
         calibration = self.calibration()
         stats = calibration.stats(self.groups, "covariance")
 
+        proxy, options = methods.ALLOCATION_PROXY
+
         def start(group: WeightGroup, at: Budget):
-            return methods.compress("whitened_svd", group, self.rows[group.name], at, stats[group.name],
-                                    dtype="float16", codes="auto")
+            return methods.compress(proxy, group, self.rows[group.name], at, stats[group.name], **options)
 
         damage = allocation.damage_on(self.hf_model, calibration.tokenizer, self.calibration_spec)
         chosen = allocation.plan(self.hf_model, self.groups, self.rows, start, damage, target)
