@@ -83,6 +83,9 @@ class Method:
         tune_steps: the scale-tune steps ``aecompress compress`` gives it when ``--tune_steps`` is not given.
         renamed: old option name -> new one, still accepted with a deprecation line (configs written before).
         reported: shown beside every fit at the same budget, in the table a fit ends with.
+        codes: for a method whose forms are integer codes on grids, stored form -> its
+            :class:`~aecompress.blocks.grids.GridCodes` (one code width, integer zero codes), refusing a form
+            that has none in one line naming the option to change; what integer-code export formats write.
     """
 
     name: str
@@ -97,6 +100,7 @@ class Method:
     renamed: dict = field(default_factory=dict)
     build: Callable[..., nn.Module] | None = None
     reported: bool = False
+    codes: Callable[[StoredForm], object] | None = None
 
     @property
     def trained(self) -> bool:

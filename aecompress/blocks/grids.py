@@ -6,12 +6,15 @@ and ``mixed_rows``, store and read codes through the functions here, so the stor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from aecompress.blocks.base import item_size
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import packed_bytes
 from aecompress.core.errors import AECompressError
+from aecompress.core.stored import StoredForm
 
 MAX_BITS = 8
 GRIDS = ("minmax", "mse")
@@ -136,3 +139,46 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
         return zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * codes.float()
     grouped = codes.float().view(m, scale.shape[1], -1)
     return (zero.float().unsqueeze(2) + scale.float().unsqueeze(2) * grouped).reshape(m, n)
+
+
+@dataclass(frozen=True)
+class GridCodes:
+    """A form's rows as integers on one code width: ``W = scale * (code - zero_code)`` per run of columns.
+
+    This is what another container (compressed-tensors' ``pack-quantized``) can hold of a form, converted
+    from its stored tensors without rounding anything again.
+
+    Attributes:
+        bits: the code width, 1..8.
+        group_size: columns per run; ``None`` for one run per row.
+        codes: (rows x width) int32 in ``0 .. 2^bits - 1``.
+        scale: (rows x runs) in the stored dtype.
+        zero_codes: (rows x runs) int32 in ``0 .. 2^bits - 1``.
+    """
+
+    bits: int
+    group_size: int | None
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_codes: torch.Tensor
+
+
+def grid_codes(form: StoredForm) -> GridCodes:
+    """The integers of a single-width form; float zeros only where each is exactly ``-scale * k``, ``k`` on the grid.
+
+    Raises:
+        AECompressError: for float zeros off the grid, naming the option that stores integer zeros.
+    """
+    t, (m, n), bits = form.tensors, (form.group.rows, form.group.width), int(form.meta["bits"])
+    scale = t["scale"] if t["scale"].dim() == 2 else t["scale"].unsqueeze(1)
+    runs = scale.shape[1]
+    codes = unpacked(t["codes"], m * n, bits).view(m, n)
+    if "zero_codes" in t:
+        zero = unpacked(t["zero_codes"], m * runs, bits).view(m, runs)
+    else:
+        zero = zero_codes(scale, t["zero"].view(m, runs), 2**bits - 1)
+        if not torch.equal(-scale.float() * zero.float(), t["zero"].view(m, runs).float()):
+            raise AECompressError(
+                f"group {form.group.name!r} ({form.method}) stores float zero points that are not on its grid "
+                "(zeros: float); integer-code formats hold integer zero points only: pass --options '{zeros: int}'")
+    return GridCodes(bits, None if runs == 1 else n // runs, codes, scale, zero)

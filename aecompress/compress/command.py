@@ -91,7 +91,9 @@ def compress(
         tune_lr: the tuning's learning rate.
         top_k: next-token targets of the original kept per position while tuning (bounded memory); null: all.
         precision: the tuning's Lightning precision: ``32-true``, or ``bf16-mixed`` on a GPU.
-        format: ``decoded`` (plain transformers loads it) or ``compact`` (only what is stored).
+        format: ``decoded`` (plain transformers loads it), ``compact`` (only what is stored) or
+            ``compressed-tensors`` (integer codes in its ``pack-quantized`` layout, which transformers and vLLM
+            load; ``quantize`` or ``compensated`` with ``fill: false`` only).
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """

@@ -28,7 +28,7 @@ def load_any(name_or_dir: str, runtime: bool = False) -> tuple[nn.Module, object
     """
     path = Path(name_or_dir).expanduser()
     kind, meta = sidecar.detect(path)
-    if kind in ("compact", "decoded"):
+    if kind in ("compact", *sidecar.FROM_PRETRAINED):
         if kind == "compact":
             model = load_runtime(path) if runtime else load_compact(path)
         else:
@@ -51,7 +51,7 @@ def tokenizer_of(name_or_dir: str):
     """
     path = Path(name_or_dir).expanduser()
     kind, meta = sidecar.detect(path)
-    if kind in ("compact", "decoded"):
+    if kind in ("compact", *sidecar.FROM_PRETRAINED):
         return _export_tokenizer(path, meta)
     return load_tokenizer(resolve(name_or_dir))
 

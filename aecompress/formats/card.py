@@ -74,8 +74,10 @@ def render(meta: dict, license_name: str | None, recipe: str | None, commands: l
     named = f"`{original}` ({hub}, {PACKAGED[original].split(' from ', 1)[-1]})" if hub else f"`{original}`"
     fmt = meta["format"].removeprefix("aecompress-")
     methods = sorted({g["method"] for g in meta["groups"]})
-    load = (f"model = transformers.{meta['auto_class']}.from_pretrained(\"{directory_name}\")" if fmt == "decoded"
+    load = (f"model = transformers.{meta['auto_class']}.from_pretrained(\"{directory_name}\")" if fmt != "compact"
             else f"model = aecompress.load_compact(\"{directory_name}\")  # or materialize=False: decoded just in time")
+    if fmt == "compressed-tensors":
+        load += "  # needs: pip install 'compressed-tensors>=0.15,<0.18'"
     reproduce = (f"aecompress evaluate --model {directory_name} --data {report['split'] if report else 'wiki:test'}"
                  + (f" --reference {original}" if report and report.get("needs_reference") else ""))
     front = ["---", f"license: {license_name or 'other'}", "library_name: transformers", "tags:", "- aecompress",
@@ -90,6 +92,9 @@ def render(meta: dict, license_name: str | None, recipe: str | None, commands: l
              *(["This decoded export holds full-size float32 weights, so plain transformers loads it as it is; the "
                 "sizes above are what the compressed form stores (`aecompress export --format compact` keeps only that).",
                 ""] if fmt == "decoded" else []),
+             *(["The compressed matrices are stored as compressed-tensors `pack-quantized` integer codes (exactly the "
+                "codes, scales and zero codes counted above); transformers decompresses them when it loads the model.",
+                ""] if fmt == "compressed-tensors" else []),
              "Compressed groups:", "", *_group_lines(meta), "",
              "## Quality against the original", "", *_quality_lines(report, reproduce), ""]
     if commands:

@@ -1,4 +1,4 @@
-"""Writing a compressed model in the format asked for: ``decoded`` (plain transformers) or ``compact``."""
+"""Writing a compressed model in the format asked for: ``decoded`` (plain transformers), ``compact`` or ``compressed-tensors``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 from aecompress.formats.compact import export_compact
 from aecompress.formats.decoded import export_decoded
+from aecompress.formats.pack_quantized import export_pack_quantized
 from aecompress.formats.sidecar import ExportFormat
 
 
@@ -21,6 +22,8 @@ def export(
     refuse_own_source(source, out_dir)
     if fmt == "decoded":
         return export_decoded(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
+    if fmt == "compressed-tensors":
+        return export_pack_quantized(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
     return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
 
 

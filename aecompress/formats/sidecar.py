@@ -21,7 +21,9 @@ from aecompress.core.stored import StoredForm
 from aecompress.core.version import __version__
 from aecompress.formats.sources import public_name
 
-ExportFormat = Literal["decoded", "compact"]
+ExportFormat = Literal["decoded", "compact", "compressed-tensors"]
+FROM_PRETRAINED = ("decoded", "compressed-tensors")
+"""The export formats plain transformers loads with ``from_pretrained`` (compressed-tensors needs its package)."""
 SIDECAR = "aecompress.json"
 COMPRESSED = "compressed.safetensors"
 REMAINING = "remaining.safetensors"
@@ -33,7 +35,7 @@ MANIFEST = "SHA256SUMS"
 # and older readers keep reading every export that does not need the newer codes.
 FORMAT_VERSION = 3
 SUPPORTED_VERSIONS = (1, 2, 3)
-Kind = Literal["compact", "decoded", "plain", "none"]
+Kind = Literal["compact", "decoded", "compressed-tensors", "plain", "none"]
 
 
 def covered(model: nn.Module, forms: dict[str, StoredForm]) -> dict[str, int]:
@@ -108,10 +110,9 @@ def detect(directory: str | Path) -> tuple[Kind, dict | None]:
     if directory.is_dir() and path.is_file():
         meta = read_json(path)
         kind = str(meta.get("format", "")).removeprefix("aecompress-")
-        if kind not in ("compact", "decoded"):
-            raise AECompressError(
-                f"{str(directory)!r} holds unknown format {meta.get('format')!r}; valid: aecompress-decoded, aecompress-compact"
-            )
+        if kind not in ("compact", *FROM_PRETRAINED):
+            raise AECompressError(f"{str(directory)!r} holds unknown format {meta.get('format')!r}; valid: "
+                                  "aecompress-decoded, aecompress-compact, aecompress-compressed-tensors")
         return kind, meta  # type: ignore[return-value]
     if directory.is_dir() and (directory / "config.json").is_file():
         return "plain", None
@@ -129,9 +130,9 @@ def read_compact(directory: Path) -> dict:
         )
     if kind == "none":
         raise AECompressError(f"{str(directory)!r} is not a compact aecompress export: no {SIDECAR}")
-    if kind == "decoded":
+    if kind in FROM_PRETRAINED:
         raise AECompressError(
-            f"{str(directory)!r} is a decoded export (full-size weights), not a compact one; "
+            f"{str(directory)!r} is a {kind} export, not a compact one; "
             "load it with transformers' from_pretrained, or export with `--format compact`"
         )
     if meta.get("format_version") not in SUPPORTED_VERSIONS:

@@ -147,6 +147,21 @@ def decode(stored: StoredForm) -> torch.Tensor:
     return rows
 
 
+def grid_codes(stored: StoredForm):
+    """A form's integer codes, scales and zero codes on one width (:class:`~aecompress.blocks.grids.GridCodes`).
+
+    Raises:
+        AECompressError: naming the group, for a method that stores no integer codes or a form that cannot be one width.
+    """
+    method = get(stored.method)
+    if method.codes is None:
+        coded = [name for name, m in METHODS.items() if m.codes is not None]
+        raise AECompressError(
+            f"group {stored.group.name!r} uses method {stored.method!r}, which stores no integer codes; integer-code "
+            f"formats hold only {', '.join(coded)} forms: use --format decoded or compact, or --method {coded[-1]}")
+    return method.codes(stored)
+
+
 def runtime_parts(stored: StoredForm, member_rows: list[int]) -> Built:
     """A form's run-time parts: the modules its members share and one row source per member.
 

@@ -189,6 +189,15 @@ def decode(form: StoredForm) -> torch.Tensor:
     return (mixed_rows.decode if "wide" in form.tensors else quantize.decode)(form)
 
 
+def codes(form: StoredForm) -> kbit.GridCodes:
+    """The form's integers on one code width; a form with rows one bit wider (``fill``) has two, so it is refused."""
+    if "wide" in form.tensors:
+        raise AECompressError(
+            f"group {form.group.name!r} (compensated) has {form.meta.get('wide_rows')} rows one bit wider (fill: true), "
+            "and integer-code formats hold one code width per matrix: pass --options '{group_size: auto, fill: false}'")
+    return kbit.grid_codes(form)
+
+
 METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",), tunable=True,
-                defaults={"group_size": "auto", "fill": True}, tune_steps=100, renamed={"bits": "code_bits"})
+                defaults={"group_size": "auto", "fill": True}, tune_steps=100, renamed={"bits": "code_bits"}, codes=codes)
 """Its defaults and tune steps are the best whole-model recipe measured on validation (docs/results.md)."""

@@ -24,6 +24,7 @@ from aecompress.blocks.grids import (
     code_cost,
     dequantized,
     fitted,
+    grid_codes,
     rounded,
     stored,
     unpacked,
@@ -132,4 +133,5 @@ def decode(stored: StoredForm) -> torch.Tensor:
     return source.decode()
 
 
-METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress, tunable=True, renamed={"bits": "code_bits"})
+METHOD = Method("quantize", decode=decode, runtime=runtime, compress=compress, tunable=True, renamed={"bits": "code_bits"},
+                codes=grid_codes)

@@ -53,8 +53,9 @@ class AETrainer(L.Trainer):
             datamodule: the weight rows and source model (from the config).
             ckpt_path: a checkpoint written by ``aecompress fit`` with this config.
             out_dir: the directory to create.
-            format: ``decoded`` (plain transformers, full size) or ``compact``
-                (latents + decoder + remaining weights; read with ``aecompress.load_compact``).
+            format: ``decoded`` (plain transformers, full size), ``compact``
+                (latents + decoder + remaining weights; read with ``aecompress.load_compact``) or
+                ``compressed-tensors`` (integer codes only: ``quantize``, ``compensated`` without ``fill``).
             overwrite: replace ``out_dir`` if it exists.
             stream: write the decoded format shard by shard from the source's safetensors
                 files, one tensor in memory at a time (never the whole model). Default: when
