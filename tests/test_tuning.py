@@ -88,7 +88,7 @@ def test_the_tune_shows_its_progress_with_an_eta_when_output_goes_to_a_file(capf
     lines = [line for line in err.splitlines() if line.startswith("tune: ")]
     assert [line.split(",")[0] for line in lines] == [f"tune: {k}/4 steps ({25 * k}%)" for k in (1, 2, 3, 4)], err
     assert all("elapsed 0:00:" in line and ", ETA 0:00:" in line and ", loss " in line for line in lines), err
-    assert "tune (measuring): 8/8 batches (100%)" in err  # the objective before and after, over every window
+    assert "tune (validation): 8/8 batches (100%)" in err  # the objective before and after, over every window
     assert "\r" not in err  # no bar redrawn in a file
 
 

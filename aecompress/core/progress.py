@@ -3,8 +3,9 @@
 A progress bar redraws one line with carriage returns, which only a terminal shows: in a cluster
 job's log file it leaves one line (or none) for a step that may run for an hour. :class:`Progress`
 draws a tqdm bar when stderr is a terminal, and otherwise writes a plain line, ``tune: step 12/100
-(12%), elapsed 0:04:41, ETA 0:34:20``, each time another tenth of the steps is done or every
-:data:`EVERY_SECONDS`, whichever comes first; a step over within :data:`QUIET_SECONDS` writes nothing.
+(12%), elapsed 0:04:41, ETA 0:34:20``, once :data:`QUIET_SECONDS` have passed, then each time another
+tenth of the steps is done or every :data:`EVERY_SECONDS`, whichever comes first; a step over within
+:data:`QUIET_SECONDS` writes nothing.
 Every long loop in the package (calibration statistics, compression per group, the tune, export,
 the benchmark) reports through it, so a log reads the same whichever step is running.
 """
@@ -68,7 +69,7 @@ class Progress:
             return
         now = time.perf_counter()
         tenths = 10 * self.done // self.total if self.total else 0
-        due = tenths > self.tenths or now - self.last >= EVERY_SECONDS
+        due = not self.said or tenths > self.tenths or now - self.last >= EVERY_SECONDS  # the first gives an ETA early
         self.tenths = max(self.tenths, tenths)
         if self.plain and due and now - self.started >= QUIET_SECONDS:
             self._say(now)

@@ -54,7 +54,7 @@ class ProgressLines(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         """Each validation run counts its own batches."""
         total = sum(_total(n) or 0 for n in trainer.num_val_batches) if trainer.num_val_batches else None
-        self.check = Progress(total or None, f"{self.desc} (measuring)", "batch", show=trainer.is_global_zero)
+        self.check = Progress(total or None, f"{self.desc} (validation)", "batch", show=trainer.is_global_zero)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
