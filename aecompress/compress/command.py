@@ -98,6 +98,7 @@ def compress(
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """
+    # Every argument that shapes the model, in order: the card's command spells each out, defaults included.
     settings = {k: v for k, v in locals().items() if k not in ("overwrite", "trust_remote_code")}
     target = Budget.of_bits(bits, "--bits")
     _checked(method, allocation, format, options, modules, dtype)
