@@ -31,9 +31,17 @@ def _flag(value) -> str:
     return shlex.quote(str(value))
 
 
+def public_spec(spec: str) -> str:
+    """A text spec with a local file named by its name only (``/home/me/t.txt:all`` -> ``t.txt:all``), as models are."""
+    head, sep, tail = spec.partition(":")
+    return public_name(head) + sep + tail
+
+
 def command(settings: dict) -> str:
-    """``aecompress compress`` with every setting explicit, the model by its public name and the output by its name."""
-    shown = {**settings, "model": public_name(settings["model"]), "out_dir": Path(settings["out_dir"]).name}
+    """``aecompress compress`` with every setting explicit, the model and text by their public names, the output by
+    its name: no path of this machine."""
+    shown = {**settings, "model": public_name(settings["model"]), "out_dir": Path(settings["out_dir"]).name,
+             "calibration": public_spec(settings["calibration"])}
     return "aecompress compress " + " ".join(f"--{key} {_flag(value)}" for key, value in shown.items())
 
 
@@ -48,7 +56,7 @@ def card_info(settings: dict, choice: MethodChoice, defaults: bool, tokens: int,
         forms: the stored forms written (their meta holds the tune's outcome).
     """
     made = {"method": choice.method, "options": choice.options, "defaults": defaults, "bits": settings["bits"],
-            "allocation": choice.allocation, "modules": settings["modules"], "calibration": settings["calibration"],
+            "allocation": choice.allocation, "modules": settings["modules"], "calibration": public_spec(settings["calibration"]),
             "calibration_tokens": tokens, "calibration_window": settings["calibration_window"],
             "tune": tune_record(choice, forms)}
     return {"made": made, "commands": [command(settings)]}
