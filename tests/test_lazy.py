@@ -139,15 +139,17 @@ def _tree(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("layout", ["sharded", "single"])
-def test_streaming_export_equals_in_memory_byte_for_byte(sharded, tiny_dirs, tmp_path, layout):
+@pytest.mark.parametrize("layout,dtype", [("sharded", "float32"), ("single", "float32"), ("single", "bfloat16")])
+def test_streaming_export_equals_in_memory_byte_for_byte(sharded, tiny_dirs, tmp_path, layout, dtype):
     source = sharded if layout == "sharded" else tiny_dirs["llama"]
     dm = WeightRowsDataModule(str(source), modules=["k_proj", "up_proj", "embed_tokens"], ratio=2.0)
     forms = _trained_forms(dm)
-    export_streaming(dm.skeleton, dm.tensor_files, forms, dm.source, dm.auto_class, "tiny", tmp_path / "stream")
+    export_streaming(dm.skeleton, dm.tensor_files, forms, dm.source, dm.auto_class, "tiny", tmp_path / "stream",
+                     dtype=dtype)
     assert dm._hf_model is None, "streaming must not load the full model"
     export_decoded(dm.hf_model, forms, dm.source, dm.auto_class, "tiny", tmp_path / "memory",
-                   max_shard_size=SHARD if layout == "sharded" else "50GB")
+                   max_shard_size=SHARD if layout == "sharded" else "50GB", dtype=dtype)
+    assert json.loads((tmp_path / "stream" / "config.json").read_text())["dtype"] == dtype
     ours, theirs = _tree(tmp_path / "stream"), _tree(tmp_path / "memory")
     # The model cards differ only where they name their own directory.
     ours["README.md"] = ours["README.md"].replace(b'"stream"', b'"memory"').replace(b"--model stream", b"--model memory")

@@ -65,7 +65,8 @@ def test_shipped_recipe_trains_one_step_and_saves_its_best_checkpoint(name, tiny
     if any(cb["class_path"].endswith("FitReport") for cb in recipe["trainer"]["callbacks"]):
         report = json.loads((tmp_path / "ckpt" / "report.json").read_text())
         names = [row["name"] for row in report["rows"]]
-        assert names[0] == "original" and {"svd", "whitened_svd"} <= set(names) and "quality on" in printed
+        assert names[0] == "original" and {"svd", "whitened_svd", "compensated (untuned)"} <= set(names)
+        assert "quality on" in printed and "aecompress compress --model model --bits 16 --out_dir DIR" in printed
         measured = [row for row in report["rows"] if row["bits_per_weight"] is not None]
         assert max(r["stored_bytes"] for r in measured[1:]) <= measured[0]["stored_bytes"] * 1.05  # the same size
 

@@ -74,3 +74,32 @@ def test_bad_tune_options_are_one_clear_error():
     assert checked_options({"steps": 10, "lr": 1, "top_k": None}) == {"steps": 10, "lr": 1, "top_k": None}
     with pytest.raises(AECompressError, match="method 'svd' has no scales to tune; tune works on: quantize, compensated"):
         check_tune(MethodChoice("svd", tune={"steps": 3}))
+
+
+def test_the_tune_shows_its_progress_with_an_eta_when_output_goes_to_a_file(capfd, monkeypatch):
+    """On a cluster stderr is a file: the tune must leave readable progress lines there, not one bar redrawn."""
+    from aecompress.core import progress
+
+    model, windows, forms = _setup("compensated", {"group_size": 16})
+    monkeypatch.setattr(progress, "QUIET_SECONDS", 0.0)  # the tiny tune is over in a second
+    capfd.readouterr()
+    tune(model, forms, windows, steps=4, lr=0.01, top_k=16)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tune: ")]
+    assert [line.split(",")[0] for line in lines] == [f"tune: {k}/4 steps ({25 * k}%)" for k in (1, 2, 3, 4)], err
+    assert all("elapsed 0:00:" in line and ", ETA 0:00:" in line and ", loss " in line for line in lines), err
+    assert "tune (validation): 8/8 batches (100%)" in err  # the objective before and after, over every window
+    assert "\r" not in err  # no bar redrawn in a file
+
+
+def test_a_short_step_says_nothing_in_a_log_and_a_long_one_says_where_it_stands(capsys, monkeypatch):
+    from aecompress.core import progress
+
+    assert list(progress.progress(range(3), "quick", "group")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    shown = progress.Progress(4, "slow", "batch")
+    shown.update()
+    assert capsys.readouterr().err == "slow: 1/4 batches (25%), elapsed 0:00:10, ETA 0:00:30\n"
+    assert shown.line(40.0) == "slow: 1/4 batches (25%), elapsed 0:00:40, ETA 0:02:00"

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 import aecompress.methods as catalogue
@@ -29,6 +28,7 @@ from aecompress.core.budget import BITS_PER_ORIGINAL, Budget, bits_per_weight, w
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.memory import peak_rss, reset_peak
+from aecompress.core.progress import progress
 from aecompress.core.selection import select_groups
 from aecompress.core.stored import StoredForm
 from aecompress.data.calibration import Calibration
@@ -206,7 +206,7 @@ def benchmark(
                      for k, v in scores.items()])
     jobs = [(g, t, m) for g in groups for m in methods
             for t in (targets if catalogue.get(m.method).budgeted else [Target(None)])]
-    for group, target, choice in tqdm(jobs, desc="benchmark", unit="job"):
+    for group, target, choice in progress(jobs, "benchmark", "job"):
         if results.done(model, group.label, choice.label, target.ratio_text, target.bits or ""):
             continue
         _run_job(bench, results, group, target, choice, out)

@@ -11,8 +11,6 @@ budget measured.
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import get_args
@@ -20,6 +18,7 @@ from typing import get_args
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.compress.pipeline import check_tune, closed_form, tuned
+from aecompress.compress.provenance import card_info
 from aecompress.compress.tuning import checked_options
 from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
@@ -28,14 +27,15 @@ from aecompress.core.memory import peak_rss, reset_peak
 from aecompress.core.selection import select_groups
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation as allocator
-from aecompress.formats.export import export, refuse_own_source
+from aecompress.formats.export import check_dtype, export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.sources import load_model
 
 FORMATS = get_args(ExportFormat)
 
 
-def _checked(method: str, allocation: str, fmt: str, options: dict | None, modules: list[str] | None) -> None:
+def _checked(method: str, allocation: str, fmt: str, options: dict | None, modules: list[str] | None,
+             dtype: str) -> None:
     """One clear error for a method that is trained or foreign, a budget out of range, or an unknown choice."""
     closed = sorted(n for n, m in catalogue.METHODS.items() if m.compress is not None and m.budgeted)
     if method not in closed:
@@ -51,6 +51,7 @@ def _checked(method: str, allocation: str, fmt: str, options: dict | None, modul
         raise AECompressError(f"--allocation {allocation!r} is not one of: {', '.join(allocator.ALLOCATIONS)}")
     if fmt not in FORMATS:
         raise AECompressError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    check_dtype(dtype, fmt)
 
 
 def compress(
@@ -69,6 +70,7 @@ def compress(
     top_k: int | None = 64,
     precision: str = "32-true",
     format: str = "decoded",
+    dtype: str = "float32",
     overwrite: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
@@ -94,16 +96,21 @@ def compress(
         format: ``decoded`` (plain transformers loads it), ``compact`` (only what is stored) or
             ``compressed-tensors`` (integer codes in its ``pack-quantized`` layout, which transformers and vLLM
             load; ``quantize`` or ``compensated`` with ``fill: false`` only).
+        dtype: the decoded format's weights: ``float32``, ``float16`` or ``bfloat16`` (half the files).
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
     """
+    # Every argument that shapes the model, in order: the card's command spells each out, defaults included.
+    settings = {k: v for k, v in locals().items() if k not in ("overwrite", "trust_remote_code")}
     target = Budget.of_bits(bits, "--bits")
-    _checked(method, allocation, format, options, modules)
+    _checked(method, allocation, format, options, modules, dtype)
     row = catalogue.get(method)
     steps = row.tune_steps if tune_steps is None else tune_steps
-    settings = checked_options({"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision})  # even unused
-    choice = MethodChoice(method=method, options=dict(row.defaults) if options is None else options,
-                          allocation=allocation, tune=settings if steps else {})
+    settings.update(options=dict(row.defaults) if options is None else options, modules=modules or ["all"],
+                    tune_steps=steps)
+    tune_settings = checked_options({"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision})  # even unused
+    choice = MethodChoice(method=method, options=settings["options"], allocation=allocation,
+                          tune=tune_settings if steps else {})
     check_tune(choice)
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
@@ -128,9 +135,9 @@ def compress(
     print(f"{method}: {bits_per_weight(stored, sum(g.rows * g.width for g in groups)):.3f} bits per weight stored "
           f"over {sum(len(g.members) for g in groups)} weights ({stored:,} bytes)", flush=True)
     compressed = time.perf_counter()
-    command = "aecompress compress " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    info = card_info(settings, choice, options is None, windows.windows().numel(), forms)
     written = export(net, {f.group.name: f for f in forms}, source, auto_class, model, out_dir, format, overwrite,
-                     card_info={"commands": [command]})
+                     card_info=info, dtype=dtype)
     print(f"seconds: load and calibration {loaded - started:.1f}, compress {made - loaded:.1f}, "
           f"tune {compressed - made:.1f}, export {time.perf_counter() - compressed:.1f}; peak resident memory "
           f"{max(peak, peak_rss()) / 2**20:,.0f} MB (tune {tune_peak / 2**20:,.0f} MB); wrote {out_dir}", flush=True)

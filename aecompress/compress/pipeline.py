@@ -7,8 +7,6 @@ options and budget measured.
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 import aecompress.methods as catalogue
 from aecompress.blocks.base import GroupStats
 from aecompress.compress.choices import MethodChoice
@@ -16,6 +14,7 @@ from aecompress.compress.tuning import checked_options, tune
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
+from aecompress.core.progress import progress
 from aecompress.core.stored import StoredForm
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation
@@ -41,7 +40,7 @@ def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: l
         chosen = allocation.plan(model, groups, rows, compress_at, damage(), target, choice.allocation)
         print(chosen.table(groups), flush=True)
         budgets = chosen.budgets()
-    forms = [compress_at(g, budgets[g.name]) for g in tqdm(groups, desc="compress", unit="group", leave=False)]
+    forms = [compress_at(g, budgets[g.name]) for g in progress(groups, "compress", "group")]
     return tuned(model, calibration, choice, forms), chosen
 
 

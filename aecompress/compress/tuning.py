@@ -28,6 +28,7 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, substituted_params
 from aecompress.core.stored import StoredForm
 from aecompress.methods import decode
+from aecompress.training.progress import ProgressLines
 from aecompress.training.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
     epochs = math.ceil(steps / max(len(loader), 1))
     trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        enable_progress_bar=False, callbacks=[ProgressLines("tune", "tune/loss")],  # a log shows it too
                         inference_mode=False)  # the teacher's targets kept while measuring are used again in training
     try:
         with warnings.catch_warnings():  # the frozen model is in eval mode on purpose (see on_train_epoch_start)

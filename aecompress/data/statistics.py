@@ -23,6 +23,7 @@ from torch import nn
 
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import Member, WeightGroup
+from aecompress.core.progress import progress
 
 MASK_PROBABILITY = 0.15
 
@@ -35,8 +36,10 @@ def _owner_name(member: Member) -> str:
     return member.param.rsplit(".", 1)[0] if "." in member.param else ""
 
 
-def _batches(input_ids: torch.Tensor, size: int):
-    for start in range(0, input_ids.shape[0], size):
+def _batches(input_ids: torch.Tensor, size: int, desc: str):
+    """The windows in batches of ``size``, with their progress shown (a long step on a large model)."""
+    starts = range(0, input_ids.shape[0], size)
+    for start in progress(starts, desc, "batch", show=distributed()[0] == 0):
         yield input_ids[start : start + size]
 
 
@@ -78,7 +81,7 @@ def covariances(
     rank, world = distributed()
     try:
         if owners:
-            for batch in _batches(input_ids[rank::world], batch_size):
+            for batch in _batches(input_ids[rank::world], batch_size, "covariance"):
                 runner(batch)
     finally:
         for handle in handles:
@@ -175,7 +178,7 @@ def fisher(
     try:
         for name, p in params.items():
             p.requires_grad_(name in needed)
-        for batch in _batches(input_ids, batch_size):
+        for batch in _batches(input_ids, batch_size, "fisher"):
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 _fisher_loss(model, batch, kind, gen, mask_token_id, vocab).backward()

@@ -17,11 +17,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from tqdm.auto import tqdm
-
 from aecompress.core.budget import BITS_PER_ORIGINAL, Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
+from aecompress.core.progress import progress
 from aecompress.core.stored import StoredForm
 from aecompress.data.tokens import token_ids
 from aecompress.evaluation.metrics import evaluate_model, targets_for
@@ -89,7 +88,7 @@ def sensitivities(model, groups: list[WeightGroup], rows: dict[str, object], com
     """For each group alone, at each size: ``(bits, stored bytes, damage)``; sizes it cannot reach are skipped."""
     curves: dict[str, list[tuple[float, int, float]]] = {}
     jobs = [(g, s * bits) for g in groups for s in SCALES if s * bits < BITS_PER_ORIGINAL]
-    for group, level in tqdm(jobs, desc="allocation", unit="size", leave=False):
+    for group, level in progress(jobs, "allocation", "size"):
         try:
             form = compress_at(group, Budget.of_bits(level))
         except AECompressError:

@@ -6,6 +6,7 @@ license. It names the original by hub id, package or directory name, never by a 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -66,8 +67,37 @@ def _quality_lines(report: dict | None, reproduce: str) -> list[str]:
     return [*lines, "", "Reproduce the measurement of this export:", "", "```bash", reproduce, "```"]
 
 
+def _tune_line(tune: dict | None) -> str:
+    if not tune:
+        return ("- Tune: none (`--tune_steps 0`): the codes and scales are as the method computed them, "
+                "one matrix at a time.")
+    top = "all" if tune.get("top_k") is None else f"top-{tune['top_k']}"
+    outcome = ""
+    if "objective_before" in tune:
+        outcome = (f" Its objective on the calibration windows went from {tune['objective_before']:.4g} to "
+                   f"{tune['objective_after']:.4g}; " + ("the tuned scales were kept." if tune.get("kept") else
+                                                         "that is worse, so the untuned scales were kept."))
+    return (f"- Tune: only the stored scales (the codes kept as they are, the same bytes) were fine-tuned for "
+            f"{tune['steps']} steps (Adam, lr {tune['lr']:g}, precision {tune.get('precision', '32-true')}) so that "
+            f"this model's outputs match the original model's ({top} next-token probabilities for a language model, "
+            "hidden states for an encoder) on the calibration text: no labels, no task data." + outcome)
+
+
+def _made_lines(made: dict | None) -> list[str]:
+    """How a ``compress`` export was made: method and options, calibration text, tune."""
+    if not made:
+        return []
+    options = ", ".join(f"{k}: {json.dumps(v)}" for k, v in made["options"].items()) or "none"
+    return [f"- Method: `{made['method']}` with options `{{{options}}}`"
+            + (" (the method's defaults)" if made.get("defaults") else "")
+            + f", {made['bits']:g} bits per weight, {made['allocation']} allocation, modules `[{', '.join(made['modules'])}]`.",
+            f"- Calibration text: `{made['calibration']}`, {made['calibration_tokens']:,} tokens in windows of "
+            f"{made['calibration_window']} (for the calibration statistics and the tune; never a test split).",
+            _tune_line(made.get("tune")), ""]
+
+
 def render(meta: dict, license_name: str | None, recipe: str | None, commands: list[str],
-           report: dict | None, directory_name: str) -> str:
+           report: dict | None, directory_name: str, made: dict | None = None) -> str:
     """The card's text."""
     original = meta["source_model"]
     hub = HUB_IDS.get(original)
@@ -89,7 +119,8 @@ def render(meta: dict, license_name: str | None, recipe: str | None, commands: l
              f"{', '.join(f'`{m}`' for m in methods)}" + (f", recipe `{recipe}`" if recipe else "")
              + f" (aecompress {meta['aecompress_version']}, {fmt} format). The rest of the weights are the original's.",
              "", "## Size", "", *_size_rows(meta), "",
-             *(["This decoded export holds full-size float32 weights, so plain transformers loads it as it is; the "
+             *([f"This decoded export holds full-size {meta.get('dtype', 'float32')} weights, so plain transformers "
+                "loads it as it is; the "
                 "sizes above are what the compressed form stores (`aecompress export --format compact` keeps only that).",
                 ""] if fmt == "decoded" else []),
              *(["The compressed matrices are stored as compressed-tensors `pack-quantized` integer codes (exactly the "
@@ -97,8 +128,8 @@ def render(meta: dict, license_name: str | None, recipe: str | None, commands: l
                 ""] if fmt == "compressed-tensors" else []),
              "Compressed groups:", "", *_group_lines(meta), "",
              "## Quality against the original", "", *_quality_lines(report, reproduce), ""]
-    if commands:
-        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    if commands or made:
+        lines += ["## How it was made", "", *_made_lines(made), *(["```bash", *commands, "```", ""] if commands else [])]
     lines += ["## Load it", "", "```python", "import aecompress, transformers" if fmt == "compact" else "import transformers",
               load, "```", "", "## License", "",
               f"The original's license applies: `{license_name or 'see the original model'}` ({original})."
@@ -110,5 +141,5 @@ def write(directory: Path, meta: dict, source: str, info: dict | None) -> None:
     """Write the card into an export directory (called inside its atomic write)."""
     info = info or {}
     text = render(meta, original_license(source), info.get("recipe"), info.get("commands", []), info.get("report"),
-                  info.get("directory_name", Path(directory).name))
+                  info.get("directory_name", Path(directory).name), info.get("made"))
     (Path(directory) / CARD).write_text(text)

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from aecompress.core.dtypes import FLOAT_DTYPES, FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target
 from aecompress.core.groups import Member
@@ -89,8 +90,8 @@ def write_safetensors(path: Path, specs: list[Spec], metadata: dict[str, str], t
     return offset
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype.is_floating_point else dtype
+def _out_dtype(dtype: torch.dtype, floats: torch.dtype) -> torch.dtype:
+    return floats if dtype.is_floating_point else dtype
 
 
 def _edits(
@@ -113,12 +114,12 @@ def _edits(
     return edits
 
 
-def _write_configs(model: nn.Module, source: str, target: Path) -> None:
+def _write_configs(model: nn.Module, source: str, target: Path, dtype: FloatDtype) -> None:
     """``config.json`` and ``generation_config.json`` as ``save_pretrained`` of the loaded model writes them."""
     import transformers
 
     config = model.config
-    config.dtype = "float32"
+    config.dtype = dtype
     config.architectures = [type(model).__name__]
     config.save_pretrained(target)
     if model.can_generate():
@@ -132,8 +133,9 @@ def _write_configs(model: nn.Module, source: str, target: Path) -> None:
 def export_streaming(
     model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm], source: str, auto_class: str,
     model_name: str, out_dir: str, overwrite: bool = False, card_info: dict | None = None,
+    dtype: FloatDtype = "float32",
 ) -> Path:
-    """Write the decoded export shard by shard from the source's safetensors files.
+    """Write the decoded export shard by shard from the source's safetensors files, floating weights in ``dtype``.
 
     Args:
         model: the model's skeleton (meta device is fine): names, shapes, config.
@@ -144,20 +146,22 @@ def export_streaming(
         model_name: the name the user gave, for the sidecar.
         out_dir: the directory to create (atomically).
         overwrite: replace ``out_dir`` if it exists.
+        dtype: the floating weights' dtype (the decoded rows are written in float32 first, then cast).
     """
     check_target(Path(out_dir), overwrite)
+    floats = FLOAT_DTYPES[dtype]
     edits = _edits(model, files, forms)
     total = 0
     with atomic_directory(out_dir, overwrite) as tmp:
         copy_aux_files(source, tmp)
-        _write_configs(model, source, tmp)
+        _write_configs(model, source, tmp, dtype)
         for shard in files.shards():
             with safe_open(str(files.directory / shard), framework="pt") as fh:
                 specs = []
                 for key in fh.keys():
                     piece = fh.get_slice(key)
-                    dtype = getattr(torch, _TORCH_NAMES[piece.get_dtype()])
-                    specs.append((key, _out_dtype(dtype), tuple(piece.get_shape())))
+                    stored = getattr(torch, _TORCH_NAMES[piece.get_dtype()])
+                    specs.append((key, _out_dtype(stored, floats), tuple(piece.get_shape())))
 
                 def tensor(key: str, fh=fh) -> torch.Tensor:
                     value = fh.get_tensor(key)
@@ -166,7 +170,7 @@ def export_streaming(
                     value = value.to(torch.float32, copy=key in edits)
                     for member, rows in edits.get(key, []):
                         member.view(value).copy_(rows)
-                    return value
+                    return value.to(floats)
 
                 total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
         if files.sharded:
@@ -175,7 +179,7 @@ def export_streaming(
                 "weight_map": files.weight_map,
             }
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        meta = sidecar.build(forms, model, auto_class, "decoded", model_name)
+        meta = {**sidecar.build(forms, model, auto_class, "decoded", model_name), "dtype": dtype}
         sidecar.write(tmp, meta)
         card.write(tmp, meta, source, {**(card_info or {}), "directory_name": Path(out_dir).name})
     log.info("streamed decoded model to %s", out_dir)

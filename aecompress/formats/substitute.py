@@ -15,6 +15,7 @@ from torch import nn
 
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, assign_rows, extract_rows
+from aecompress.core.progress import progress
 from aecompress.core.stored import StoredForm
 from aecompress.methods import decode
 
@@ -22,7 +23,7 @@ from aecompress.methods import decode
 def decode_all(forms: Iterable[StoredForm]) -> dict[WeightGroup, torch.Tensor]:
     """Every form decoded, refusing one that holds NaN or inf (a damaged checkpoint or export)."""
     decoded = {}
-    for form in forms:
+    for form in progress(forms, "decode", "group"):
         rows = decode(form)
         if not torch.isfinite(rows).all():
             raise AECompressError(

@@ -16,10 +16,11 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import read_json
 from aecompress.formats import sidecar
-from aecompress.formats.export import export, refuse_own_source
+from aecompress.formats.export import check_dtype, export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
 from aecompress.formats.streaming import export_streaming
 from aecompress.training.arguments import explain
@@ -45,6 +46,7 @@ class AETrainer(L.Trainer):
         format: ExportFormat = "decoded",  # noqa: A002 - the flag users type is --format
         overwrite: bool = False,
         stream: bool | None = None,
+        dtype: FloatDtype = "float32",
     ) -> None:
         """Write the compressed model as a Hugging Face checkpoint.
 
@@ -60,9 +62,12 @@ class AETrainer(L.Trainer):
             stream: write the decoded format shard by shard from the source's safetensors
                 files, one tensor in memory at a time (never the whole model). Default: when
                 the rows were read lazily (``data.lazy`` on a local safetensors checkpoint).
+            dtype: the decoded format's floating weights: ``float32`` (the decoded values exactly), ``float16``
+                or ``bfloat16`` (half the size; ``config.json`` records it).
         """
         streaming = _streams(stream, format, datamodule)
         refuse_own_source(datamodule.source, out_dir)
+        check_dtype(dtype, format)
         self.strategy.barrier("aecompress-export-start")
         if self.is_global_zero:
             load_weights(model, ckpt_path)
@@ -70,10 +75,11 @@ class AETrainer(L.Trainer):
             info = card_info(ckpt_path, out_dir, format, getattr(self, "config_paths", []))
             if streaming:
                 export_streaming(datamodule.skeleton, datamodule.tensor_files, forms, datamodule.source,
-                                 datamodule.auto_class, datamodule.model_name, out_dir, overwrite, card_info=info)
+                                 datamodule.auto_class, datamodule.model_name, out_dir, overwrite, card_info=info,
+                                 dtype=dtype)
             else:
                 export(datamodule.hf_model, forms, datamodule.source, datamodule.auto_class,
-                       datamodule.model_name, out_dir, format, overwrite, card_info=info)
+                       datamodule.model_name, out_dir, format, overwrite, card_info=info, dtype=dtype)
             meta = read_json(Path(out_dir) / sidecar.SIDECAR)
             whole = meta["whole_model"]
             print(f"exported {format} model to {out_dir}: {meta['bits_per_weight']:.3f} bits per weight in the "

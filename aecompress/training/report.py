@@ -1,10 +1,11 @@
-"""How good the fit is, said when it ends: the compressed model against the original and the factorizations.
+"""How good the fit is, said when it ends: the compressed model against the original and the closed-form methods.
 
 :class:`FitReport` measures, on held-out text nothing was selected on, the best checkpoint's
-model next to the original and next to SVD and whitened SVD at the same target ratio (counted
-by the same accountant), prints a short table and saves it as ``report.json`` in the run
-directory. ``aecompress export`` puts it in the export's model card when it belongs to the
-checkpoint exported.
+model next to the original and next to the ``reported`` methods (SVD, whitened SVD and our best
+closed-form quantizer, untuned, with its defaults) at the same budget (counted by the same
+accountant), prints a short table with the command that compresses the whole model at that budget,
+and saves it as ``report.json`` in the run directory. ``aecompress export`` puts it in the export's
+model card when it belongs to the checkpoint exported.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from tqdm.auto import tqdm
 
 import aecompress.methods as methods
 from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import sha256
+from aecompress.core.progress import progress
 from aecompress.data.specs import parse_spec
 from aecompress.data.tokens import token_ids
 from aecompress.evaluation.catalog import HIGHER_IS_BETTER
@@ -92,11 +93,12 @@ class FitReport(Callback):
         notes = []
         for name in self.baselines:
             try:
-                candidates[name] = self._baseline(datamodule, name, pl_module.budgets)
+                shown = f"{name} (untuned)" if methods.get(name).tunable else name  # as fit shows it, not as compress
+                candidates[shown] = self._baseline(datamodule, name, pl_module.budgets)
             except AECompressError as err:
                 notes.append(f"{name}: {err}")
         rows = [{"name": "original", "bits_per_weight": None, **self._score(model, tokenizer, metrics, reference, ids)}]
-        for name, forms in tqdm(candidates.items(), desc="report", unit="model", leave=False):
+        for name, forms in progress(candidates.items(), "report", "model"):
             original = sum(f.group.rows * f.group.width for f in forms)
             stored = sum(f.bytes for f in forms)
             with substituted(model, decode_all(forms), originals=datamodule.rows):
@@ -107,6 +109,7 @@ class FitReport(Callback):
         return {"split": self.data, "metric": metrics[0], "metrics": metrics, "tokens_or_items": counted,
                 "direction": "; ".join(f"{m}: {'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better" for m in metrics),
                 "model": public_name(datamodule.model_name), "target_ratio": pl_module.target.ratio,
+                "target_bits": float(pl_module.target.bits),
                 "checkpoint": Path(best).name if best else None,
                 "checkpoint_sha256": sha256(Path(best)) if best else None,
                 "needs_reference": kind == "encoder", "rows": rows, "notes": notes}
@@ -118,7 +121,7 @@ class FitReport(Callback):
             if datamodule.calibration_spec is None:
                 raise AECompressError("needs calibration text (data.calibration)")
             stats = datamodule.calibration().stats(datamodule.groups, kind)
-        return [methods.compress(name, g, datamodule.rows[g.name], budgets[g.name], stats.get(g.name))
+        return [methods.compress(name, g, datamodule.rows[g.name], budgets[g.name], stats.get(g.name), **method.defaults)
                 for g in datamodule.groups]
 
     def _score(self, model, tokenizer, metrics: list[str], reference, ids) -> dict[str, float]:
@@ -136,6 +139,9 @@ def table(report: dict) -> str:
         bpw = "-" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
         lines.append(f"  {row['name']:<24} {bpw:>11} " + " ".join(f"{row[m]:>18.6g}" for m in metrics))
     lines += [f"  (not measured: {note})" for note in report.get("notes", [])]
+    if "target_bits" in report:  # reports written before it was recorded have no budget in bits
+        lines.append(f"  the whole model (every attention and MLP weight) at this budget, no training, tuned: "
+                     f"aecompress compress --model {report['model']} --bits {report['target_bits']:.4g} --out_dir DIR")
     return "\n".join(lines)
 
 
