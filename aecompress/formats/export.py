@@ -10,18 +10,27 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 from aecompress.formats.compact import export_compact
 from aecompress.formats.decoded import export_decoded
+from aecompress.formats.lazy import TensorFiles
 from aecompress.formats.sidecar import ExportFormat
+from aecompress.formats.streaming import export_streaming
 
 
 def export(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
     out_dir: str, fmt: ExportFormat = "decoded", overwrite: bool = False, card_info: dict | None = None,
+    files: TensorFiles | None = None,
 ) -> Path:
-    """Write an export in the chosen format, with its own model card (see :mod:`aecompress.formats.card`)."""
+    """Write an export in the chosen format, with its own model card (see :mod:`aecompress.formats.card`).
+
+    With ``files`` the model is a skeleton (block by block never loads it whole): its weights are streamed from them.
+    """
     refuse_own_source(source, out_dir)
+    if files is not None and fmt == "decoded":
+        return export_streaming(model, files, forms, source, auto_class, model_name, out_dir, overwrite, card_info)
     if fmt == "decoded":
         return export_decoded(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
-    return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
+    return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info,
+                          files=files)
 
 
 def refuse_own_source(source: str, out_dir: str) -> None:
