@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from aecompress.core.errors import AECompressError
+from aecompress.core.memory import give_back
 from aecompress.formats.lazy import TensorFiles, checkpoint_keys
 
 
@@ -71,8 +72,9 @@ class BlockReader:
         return block
 
     def release(self, index: int) -> None:
-        """Take block ``index``'s weights away again (back to the meta device)."""
+        """Take block ``index``'s weights away again (back to the meta device), and give the memory back."""
         self.blocks[index].to("meta")
+        give_back()
 
     def _fill(self, name: str, module: nn.Module, recurse: bool) -> None:
         """Give one module real tensors: persistent ones read from the files, the rest made as the model makes them."""

@@ -33,6 +33,7 @@ from torch import nn
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target
 from aecompress.core.groups import Member
+from aecompress.core.memory import give_back
 from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
@@ -149,6 +150,7 @@ class _Edits:
             self.left[name] -= 1
             if not self.left[name]:
                 self.decoded.pop(name, None)
+                give_back()
 
 
 def _write_configs(model: nn.Module, source: str, target: Path) -> None:
@@ -197,15 +199,15 @@ def export_streaming(
                     dtype = getattr(torch, _TORCH_NAMES[piece.get_dtype()])
                     specs.append((key, _out_dtype(dtype), tuple(piece.get_shape())))
 
-                def tensor(key: str, fh=fh) -> torch.Tensor:
-                    value = fh.get_tensor(key)
-                    if not value.dtype.is_floating_point:
-                        return value
-                    value = value.to(torch.float32, copy=key in edits)
-                    edits.apply(key, value)
+            def tensor(key: str, shard=shard) -> torch.Tensor:
+                value = files.read_one(shard, key)  # the file is mapped only while one tensor is read
+                if not value.dtype.is_floating_point:
                     return value
+                value = value.to(torch.float32, copy=key in edits)
+                edits.apply(key, value)
+                return value
 
-                total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
+            total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
         if files.sharded:
             index = {
                 "metadata": {"total_parameters": model.num_parameters(), "total_size": total},
