@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import transformers
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32 as unpack
 from conftest import build_tiny, run_cli
 from safetensors.torch import load_file
 
@@ -17,8 +18,6 @@ from aecompress.core.selection import select_groups
 from aecompress.core.stored import StoredForm
 from aecompress.formats.pack_quantized import converted, export_pack_quantized
 from aecompress.formats.substitute import decode_all, substituted
-
-unpack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers").unpack_from_int32
 
 
 def _args(tiny_lm, out, *extra):

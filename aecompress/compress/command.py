@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import get_args
 
 import aecompress.methods as catalogue
+from aecompress.compress.blockwise import compress_blockwise
 from aecompress.compress.choices import MethodChoice
+from aecompress.compress.memory_plan import open_model, parse_bytes
 from aecompress.compress.pipeline import check_tune, closed_form, tuned
 from aecompress.compress.provenance import card_info
 from aecompress.compress.tuning import checked_options
@@ -24,12 +26,10 @@ from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
 from aecompress.core.memory import peak_rss, reset_peak
-from aecompress.core.selection import select_groups
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation as allocator
 from aecompress.formats.export import check_dtype, export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
-from aecompress.formats.sources import load_model
 
 FORMATS = get_args(ExportFormat)
 
@@ -73,6 +73,10 @@ def compress(
     dtype: str = "float32",
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    mode: str = "concatenated",
+    max_memory: int | str | None = None,
+    blockwise: bool | None = None,
+    sequential: bool = False,
 ) -> Path:
     """Compress every selected weight of a model at a budget in bits per weight, with no training, and export it.
 
@@ -99,6 +103,14 @@ def compress(
         dtype: the decoded format's weights: ``float32``, ``float16`` or ``bfloat16`` (half the files).
         overwrite: replace an existing ``out_dir``.
         trust_remote_code: allow a hub model's own code (off by default).
+        mode: ``concatenated`` (one group per module type, across layers) or ``separated`` (one per matrix; block by
+            block needs it, as each group must lie in one block).
+        max_memory: a ceiling in bytes (``6GB``, ``500MB``, ``2GiB``) planned against before anything is read: the
+            whole model if it fits, else block by block, else one line naming what does not fit (docs/scaling.md).
+        blockwise: compress one transformer block at a time (true) or the whole model at once (false); default:
+            whatever ``max_memory`` allows, the whole model without it.
+        sequential: block by block, feed each block the outputs of the blocks before it already compressed (as
+            GPTQ does) rather than the original's.
     """
     # Every argument that shapes the model, in order: the card's command spells each out, defaults included.
     settings = {k: v for k, v in locals().items() if k not in ("overwrite", "trust_remote_code")}
@@ -114,19 +126,23 @@ def compress(
     check_tune(choice)
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
-    net, source, auto_class = load_model(model, trust_remote_code=trust_remote_code)
+    opened = open_model(model, modules or ["all"], mode, choice, target, parse_bytes(max_memory), blockwise,
+                        calibration_tokens, trust_remote_code)
+    net, source, auto_class, groups = opened.model, opened.source, opened.auto_class, opened.groups
     refuse_own_source(source, out_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    groups = select_groups(net, modules or ["all"])
     windows = Calibration(net, tokenizer, calibration, calibration_tokens, calibration_window, cache_key=source)
     windows.windows()  # too little text, or text shared with a test split, is refused before anything is computed
-    for kind in catalogue.get(method).needs:  # made (or read from the cache) here, so its time is told apart
+    for kind in catalogue.get(method).needs if opened.files is None else ():  # timed apart from compressing
         windows.stats(groups, kind)
     loaded = time.perf_counter()
-    forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, target,
-                           lambda: allocator.damage_on(net, tokenizer, calibration))
+    if opened.files is not None:
+        forms = compress_blockwise(net, opened.files, windows, choice, groups, target, sequential)
+    else:
+        forms, _ = closed_form(net, windows, dataclasses.replace(choice, tune={}), groups, target,
+                               lambda: allocator.damage_on(net, tokenizer, calibration))
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
     forms = tuned(net, windows, choice, forms)
@@ -137,7 +153,7 @@ def compress(
     compressed = time.perf_counter()
     info = card_info(settings, choice, options is None, windows.windows().numel(), forms)
     written = export(net, {f.group.name: f for f in forms}, source, auto_class, model, out_dir, format, overwrite,
-                     card_info=info, dtype=dtype)
+                     card_info=info, dtype=dtype, files=opened.files)
     print(f"seconds: load and calibration {loaded - started:.1f}, compress {made - loaded:.1f}, "
           f"tune {compressed - made:.1f}, export {time.perf_counter() - compressed:.1f}; peak resident memory "
           f"{max(peak, peak_rss()) / 2**20:,.0f} MB (tune {tune_peak / 2**20:,.0f} MB); wrote {out_dir}", flush=True)

@@ -7,6 +7,7 @@ Elsewhere the peak is the process's since it started.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from pathlib import Path
 
@@ -35,3 +36,16 @@ def peak_rss() -> int:
     """The resident-set high-water mark in bytes (since the last reset, where resets work)."""
     peak = status("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def give_back() -> None:
+    """Return freed heap memory to the system where glibc allows it.
+
+    glibc keeps freed blocks of a few MB in its heap for reuse, so a loop that reads, compresses and drops one
+    transformer block after another grows the resident set by about a block each time unless the heap is trimmed
+    (measured: 0.2 GB a block on a 0.5B Llama, back to flat with a trim). Elsewhere this does nothing.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

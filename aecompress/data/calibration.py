@@ -138,7 +138,7 @@ def collect(
     input_ids: torch.Tensor,
     what: Sequence[Kind] = ("covariance", "fisher"),
     cache_key: str | None = None,
-    batch_size: int = 4,
+    batch_size: int = statistics.COVARIANCE_BATCH,
     fisher_batch_size: int = 1,
     loss: LossKind = "auto",
     seed: int = 0,

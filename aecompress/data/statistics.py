@@ -52,29 +52,63 @@ def _forward_module(model: nn.Module, owners: list[nn.Module]) -> nn.Module:
     return base if all(id(o) in inside for o in owners) else model
 
 
-@torch.no_grad()
-def covariances(
-    model: nn.Module, groups: Sequence[WeightGroup], input_ids: torch.Tensor, batch_size: int
-) -> dict[str, list[torch.Tensor | None]]:
-    """One pass over the windows with a forward pre-hook on each member's layer."""
+COVARIANCE_BATCH = 4
+"""Windows per forward pass for covariances; block by block runs the same batches, so its sums are the same."""
+
+
+class InputMoments:
+    """Running float64 sums of ``x xᵀ`` and token counts of the inputs of hooked linear layers.
+
+    Shared by the whole-model pass and the block-by-block pass, so both add the same products in
+    the same order and their covariances are bit-identical.
+    """
+
+    def __init__(self, owners: dict[str, nn.Module]):
+        self.owners = owners
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles = [owner.register_forward_pre_hook(self._hook(name)) for name, owner in owners.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            self.sums[name] = self.sums[name] + x.T @ x if name in self.sums else x.T @ x
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def remove(self) -> None:
+        """Stop counting (the hooks are removed)."""
+        for handle in self._handles:
+            handle.remove()
+
+    def means(self, groups: Sequence[WeightGroup]) -> dict[str, list[torch.Tensor | None]]:
+        """Each group's per-member covariances; one clear line for a layer the windows never reached."""
+        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
+        missing = sorted(set(self.owners) - set(means))
+        if missing:
+            raise AECompressError(f"calibration never reached layer {missing[0]!r}; is it used by the model's forward pass?")
+        return {g.name: [means.get(_owner_name(m)) for m in g.members] for g in groups}
+
+
+def linear_owners(model: nn.Module, groups: Sequence[WeightGroup]) -> dict[str, nn.Module]:
+    """The linear layers whose inputs the groups' covariances are taken over, by name."""
     owners: dict[str, nn.Module] = {}
     for group in groups:
         for member in group.members:
             owner = model.get_submodule(_owner_name(member))
             if _is_linear(owner):
                 owners[_owner_name(member)] = owner
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    return owners
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
 
-        return hook
-
-    handles = [owner.register_forward_pre_hook(hook_for(name)) for name, owner in owners.items()]
+@torch.no_grad()
+def covariances(
+    model: nn.Module, groups: Sequence[WeightGroup], input_ids: torch.Tensor, batch_size: int
+) -> dict[str, list[torch.Tensor | None]]:
+    """One pass over the windows with a forward pre-hook on each member's layer."""
+    owners = linear_owners(model, groups)
+    moments = InputMoments(owners)
     runner = _forward_module(model, list(owners.values()))
     was_training = model.training
     model.eval()
@@ -84,16 +118,11 @@ def covariances(
             for batch in _batches(input_ids[rank::world], batch_size, "covariance"):
                 runner(batch)
     finally:
-        for handle in handles:
-            handle.remove()
+        moments.remove()
         model.train(was_training)
     if world > 1:
-        _reduce(owners, sums, counts)
-    means = {name: sums[name] / counts[name] for name in sums}
-    missing = sorted(set(owners) - set(means))
-    if missing:
-        raise AECompressError(f"calibration never reached layer {missing[0]!r}; is it used by the model's forward pass?")
-    return {g.name: [means.get(_owner_name(m)) for m in g.members] for g in groups}
+        _reduce(owners, moments.sums, moments.counts)
+    return moments.means(groups)
 
 
 def distributed() -> tuple[int, int]:

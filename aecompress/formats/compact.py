@@ -25,9 +25,11 @@ from aecompress.core.groups import WeightGroup, assign_rows
 from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
+from aecompress.formats.lazy import TensorFiles
 from aecompress.formats.manifest import write_manifest
 from aecompress.formats.sidecar import COMPRESSED, MANIFEST, REMAINING, SIDECAR
 from aecompress.formats.sources import auto_class
+from aecompress.formats.streaming import write_from_files
 from aecompress.formats.substitute import decode_all
 from aecompress.methods import METHODS
 
@@ -35,14 +37,18 @@ log = logging.getLogger(__name__)
 
 
 def _remaining_state(model: nn.Module, forms: dict[str, StoredForm]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Weights not fully covered by a group, with tied duplicates dropped."""
+    """Weights not fully covered by a group, with tied duplicates dropped (on a skeleton: tied by being one tensor)."""
     whole = {m.param for f in forms.values() for m in f.group.members if m.parts == 1}
-    state = model.state_dict()
-    dropped_ptrs = {state[p].data_ptr() for p in whole}
+    state = model.state_dict(keep_vars=True)
+
+    def where(tensor: torch.Tensor) -> int:
+        return id(tensor) if tensor.is_meta else tensor.data_ptr()
+
+    dropped_ptrs = {where(state[p]) for p in whole}
     remaining, dropped, seen = {}, [], set()
     for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-        if name in whole or tensor.data_ptr() in dropped_ptrs or key in seen:
+        key = (where(tensor), tuple(tensor.shape), tensor.stride())
+        if name in whole or where(tensor) in dropped_ptrs or key in seen:
             dropped.append(name)
             continue
         seen.add(key)
@@ -52,21 +58,26 @@ def _remaining_state(model: nn.Module, forms: dict[str, StoredForm]) -> tuple[di
 
 def export_compact(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
-    out_dir: str, overwrite: bool = False, card_info: dict | None = None,
+    out_dir: str, overwrite: bool = False, card_info: dict | None = None, files: TensorFiles | None = None,
 ) -> Path:
     """Write stored forms + remaining weights + sidecar, with checksums, and the manifest of every file.
 
     Every form is decoded once first: one that does not decode to finite numbers is refused before anything is written.
+    With ``files`` (``model`` is then a skeleton), the remaining weights are read from them one at a time.
     """
     check_target(Path(out_dir), overwrite)
-    decode_all(forms.values())
+    for form in forms.values():
+        decode_all([form])
     compressed = {f"{name}/{k}": t.contiguous() for name, f in forms.items() for k, t in f.tensors.items()}
     remaining, dropped = _remaining_state(model, forms)
     with atomic_directory(out_dir, overwrite) as tmp:
         copy_aux_files(source, tmp)
         model.config.save_pretrained(tmp)
         save_file(compressed, tmp / COMPRESSED, metadata={"format": "aecompress-compact"})
-        save_file(remaining, tmp / REMAINING, metadata={"format": "aecompress-compact"})
+        if files is None:
+            save_file(remaining, tmp / REMAINING, metadata={"format": "aecompress-compact"})
+        else:
+            write_from_files(tmp / REMAINING, model, files, remaining, {"format": "aecompress-compact"})
         meta = sidecar.build(forms, model, auto_class, "compact", model_name)
         meta["dropped"] = dropped
         meta["checksums"] = {COMPRESSED: sha256(tmp / COMPRESSED), REMAINING: sha256(tmp / REMAINING)}

@@ -15,25 +15,38 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 from aecompress.formats.compact import export_compact
 from aecompress.formats.decoded import export_decoded
+from aecompress.formats.lazy import TensorFiles
 from aecompress.formats.pack_quantized import export_pack_quantized
 from aecompress.formats.sidecar import ExportFormat
+from aecompress.formats.streaming import export_streaming
 
 
 def export(
     model: nn.Module, forms: dict[str, StoredForm], source: str, auto_class: str, model_name: str,
     out_dir: str, fmt: ExportFormat = "decoded", overwrite: bool = False, card_info: dict | None = None,
     dtype: str = "float32",
+    files: TensorFiles | None = None,
 ) -> Path:
     """Write an export in the chosen format (decoded weights in ``dtype``), with its own model card
-    (see :mod:`aecompress.formats.card`)."""
+    (see :mod:`aecompress.formats.card`).
+
+    With ``files`` the model is a skeleton (block by block never loads it whole): its weights are streamed from them.
+    """
     refuse_own_source(source, out_dir)
     check_dtype(dtype, fmt)
+    if files is not None and fmt == "compressed-tensors":
+        raise AECompressError("--format compressed-tensors needs the whole model in memory; block by block writes "
+                              "decoded or compact exports (use one of those, or drop --max_memory / --blockwise)")
+    if files is not None and fmt == "decoded":
+        return export_streaming(model, files, forms, source, auto_class, model_name, out_dir, overwrite, card_info,
+                                dtype=dtype)
     if fmt == "decoded":
         return export_decoded(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info,
                               dtype=dtype)
     if fmt == "compressed-tensors":
         return export_pack_quantized(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
-    return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info)
+    return export_compact(model, forms, source, auto_class, model_name, out_dir, overwrite, card_info=card_info,
+                          files=files)
 
 
 def check_dtype(dtype: str, fmt: str) -> None:

@@ -83,6 +83,11 @@ class TensorFiles:
             candidates += [param.removeprefix(f"{prefix}."), f"{prefix}.{param}"]
         return next((k for k in candidates if k in self.weight_map), None)
 
+    def read_one(self, shard: str, key: str) -> torch.Tensor:
+        """One tensor of one shard, the file mapped only while it is read (its pages are not kept resident)."""
+        with safe_open(str(self.directory / shard), framework="pt") as fh:
+            return fh.get_tensor(key)
+
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Read these tensors (and nothing else), opening each shard once."""
         by_shard: dict[str, list[str]] = defaultdict(list)

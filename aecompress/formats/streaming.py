@@ -34,6 +34,7 @@ from aecompress.core.dtypes import FLOAT_DTYPES, FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import atomic_directory, check_target
 from aecompress.core.groups import Member
+from aecompress.core.memory import give_back
 from aecompress.core.stored import StoredForm
 from aecompress.formats import card, sidecar
 from aecompress.formats.extras import copy_aux_files
@@ -94,24 +95,63 @@ def _out_dtype(dtype: torch.dtype, floats: torch.dtype) -> torch.dtype:
     return floats if dtype.is_floating_point else dtype
 
 
-def _edits(
-    model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm]
-) -> dict[str, list[tuple[Member, torch.Tensor]]]:
-    """Checkpoint key -> the (member, decoded rows) pairs to write into that tensor."""
-    params = dict(model.named_parameters())
-    names = [m.param for f in forms.values() for m in f.group.members]
-    keys = checkpoint_keys(model, files, names)
+def write_from_files(path: Path, model: nn.Module, files: TensorFiles, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str]) -> int:
+    """Write ``tensors`` (a skeleton's: names, dtypes, shapes) with their values read from ``files`` one at a time,
+    cast to their dtype as the loaded model holds them: the bytes ``save_file`` of the loaded model's tensors writes."""
+    keys = checkpoint_keys(model, files, tensors)
     if keys is None:
-        missing = next(n for n in names if checkpoint_keys(model, files, [n]) is None)
-        raise AECompressError(f"{str(files.directory)!r} does not hold {missing!r}; export with --stream false")
-    edits: dict[str, list[tuple[Member, torch.Tensor]]] = defaultdict(list)
-    for group, rows in decode_all(forms.values()).items():
-        start = 0
-        for member in group.members:
-            count = member.view(params[member.param]).shape[0]
-            edits[keys[member.param]].append((member, rows[start : start + count]))
-            start += count
-    return edits
+        missing = next(n for n in tensors if checkpoint_keys(model, files, [n]) is None)
+        raise AECompressError(f"{str(files.directory)!r} does not hold {missing!r}")
+
+    def tensor(name: str) -> torch.Tensor:
+        return files.read([keys[name]])[keys[name]].to(tensors[name].dtype)
+
+    return write_safetensors(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata, tensor)
+
+
+class _Edits:
+    """Decoded rows for each checkpoint tensor, decoded when that tensor is written.
+
+    A group is decoded when the first of its tensors is reached and dropped once its last one is written, so memory
+    holds one decoded group at a time (groups of one matrix, as block by block makes them) rather than all of them.
+    """
+
+    def __init__(self, model: nn.Module, files: TensorFiles, forms: dict[str, StoredForm]):
+        params = dict(model.named_parameters())
+        names = [m.param for f in forms.values() for m in f.group.members]
+        keys = checkpoint_keys(model, files, names)
+        if keys is None:
+            missing = next(n for n in names if checkpoint_keys(model, files, [n]) is None)
+            raise AECompressError(f"{str(files.directory)!r} does not hold {missing!r}; export with --stream false")
+        for form in forms.values():  # a damaged form is refused before anything is written, one group at a time
+            decode_all([form])
+        self.members: dict[str, list[tuple[Member, StoredForm, int, int]]] = defaultdict(list)
+        self.left: dict[str, int] = {}
+        for form in forms.values():
+            start = 0
+            for member in form.group.members:
+                count = member.view(params[member.param]).shape[0]
+                self.members[keys[member.param]].append((member, form, start, count))
+                start += count
+            self.left[form.group.name] = len({keys[m.param] for m in form.group.members})
+        self.decoded: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.members
+
+    def apply(self, key: str, value: torch.Tensor) -> None:
+        """Write the decoded rows of every member stored in this tensor into it."""
+        for member, form, start, count in self.members.get(key, []):
+            name = form.group.name
+            if name not in self.decoded:
+                self.decoded[name] = decode_all([form])[form.group]
+            member.view(value).copy_(self.decoded[name][start : start + count])
+        for name in {form.group.name for _, form, _, _ in self.members.get(key, [])}:
+            self.left[name] -= 1
+            if not self.left[name]:
+                self.decoded.pop(name, None)
+                give_back()
 
 
 def _write_configs(model: nn.Module, source: str, target: Path, dtype: FloatDtype) -> None:
@@ -150,7 +190,7 @@ def export_streaming(
     """
     check_target(Path(out_dir), overwrite)
     floats = FLOAT_DTYPES[dtype]
-    edits = _edits(model, files, forms)
+    edits = _Edits(model, files, forms)
     total = 0
     with atomic_directory(out_dir, overwrite) as tmp:
         copy_aux_files(source, tmp)
@@ -163,16 +203,15 @@ def export_streaming(
                     stored = getattr(torch, _TORCH_NAMES[piece.get_dtype()])
                     specs.append((key, _out_dtype(stored, floats), tuple(piece.get_shape())))
 
-                def tensor(key: str, fh=fh) -> torch.Tensor:
-                    value = fh.get_tensor(key)
-                    if not value.dtype.is_floating_point:
-                        return value
-                    value = value.to(torch.float32, copy=key in edits)
-                    for member, rows in edits.get(key, []):
-                        member.view(value).copy_(rows)
-                    return value.to(floats)
+            def tensor(key: str, shard=shard) -> torch.Tensor:
+                value = files.read_one(shard, key)  # the file is mapped only while one tensor is read
+                if not value.dtype.is_floating_point:
+                    return value
+                value = value.to(torch.float32, copy=key in edits)
+                edits.apply(key, value)
+                return value.to(floats)
 
-                total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
+            total += write_safetensors(tmp / shard, specs, {"format": "pt"}, tensor)
         if files.sharded:
             index = {
                 "metadata": {"total_parameters": model.num_parameters(), "total_size": total},

@@ -1,0 +1,96 @@
+"""Block by block: the same stored forms as the whole-model path, one block of weights in memory at a time."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import char_tokenizer
+
+from aecompress.compress.blockwise import compress_blockwise
+from aecompress.compress.choices import MethodChoice
+from aecompress.compress.pipeline import closed_form
+from aecompress.core.budget import Budget
+from aecompress.core.errors import AECompressError
+from aecompress.core.selection import select_groups
+from aecompress.data.calibration import Calibration
+from aecompress.formats.lazy import open_lazy
+from aecompress.formats.sources import load_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_dirs, tiny_lm):
+    """Tiny Llama and BERT checkpoints with a tokenizer, and text to calibrate on."""
+    bert = tmp_path_factory.mktemp("blockwise") / "bert"
+    shutil.copytree(tiny_dirs["bert"], bert)
+    char_tokenizer(bert)
+    return {"llama": tiny_lm["model"], "bert": bert, "text": f"{tiny_lm['text']}:all[-2048:]"}
+
+
+def _forms(directory, text, choice, whole: bool, mode="separated", sequential=False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model, files = (load_model(str(directory))[0], None) if whole else open_lazy(str(directory))[:2]
+    groups = select_groups(model, ["all"], mode)
+    windows = Calibration(model, tokenizer, text, 1000, 32, cache_key=None)  # 31 windows: batches of 4, the last of 3
+    target = Budget.of_bits(3)
+    if whole:
+        return closed_form(model, windows, choice, groups, target, None)[0]
+    return compress_blockwise(model, files, windows, choice, groups, target, sequential=sequential)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("method,options", [("compensated", {"group_size": 16, "fill": True}),
+                                            ("whitened_svd", {}), ("quantize", {"group_size": 16, "dtype": "float16"})])
+def test_block_by_block_gives_bit_identical_stored_forms(models, family, method, options):
+    choice = MethodChoice(method=method, options=options)
+    whole, blocks = (_forms(models[family], models["text"], choice, w) for w in (True, False))
+    assert [f.group for f in whole] == [f.group for f in blocks] and len(whole) == (14 if family == "llama" else 12)
+    for a, b in zip(whole, blocks):
+        assert a.meta == b.meta and a.tensors.keys() == b.tensors.keys()
+        for key in a.tensors:
+            assert torch.equal(a.tensors[key], b.tensors[key]), (a.group.name, key)
+
+
+def test_sequential_inputs_change_only_the_blocks_after_the_first(models):
+    choice = MethodChoice(method="compensated", options={"group_size": 16})
+    plain, sequential = (_forms(models["llama"], models["text"], choice, False, sequential=s) for s in (False, True))
+    first = [torch.equal(a.tensors["codes"], b.tensors["codes"]) for a, b in zip(plain, sequential)
+             if a.group.members[0].layer == 0]
+    later = [torch.equal(a.tensors["codes"], b.tensors["codes"]) for a, b in zip(plain, sequential)
+             if a.group.members[0].layer == 1]
+    assert all(first) and not all(later)
+
+
+def test_groups_across_blocks_and_a_tune_are_refused_in_one_line(models):
+    with pytest.raises(AECompressError, match="spans blocks 0..1; .* give --mode separated"):
+        _forms(models["llama"], models["text"], MethodChoice(method="svd"), False, mode="concatenated")
+    with pytest.raises(AECompressError, match="no scale tune yet .* give --tune_steps 0"):
+        _forms(models["llama"], models["text"], MethodChoice(method="compensated", tune={"steps": 5}), False)
+    with pytest.raises(AECompressError, match="needs fisher"):
+        _forms(models["llama"], models["text"], MethodChoice(method="fwsvd"), False)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_block_covariances_are_the_whole_models_to_the_last_bit(models, family):
+    from transformers import AutoTokenizer
+
+    from aecompress.data import blockwise
+    from aecompress.data.calibration import collect
+    from aecompress.formats.blocks import BlockReader
+
+    tokenizer = AutoTokenizer.from_pretrained(models[family])
+    model = load_model(str(models[family]))[0]
+    ids = Calibration(model, tokenizer, models["text"], 1000, 32, cache_key=None).windows()
+    groups = select_groups(model, ["all"], "separated")
+    whole = collect(model, groups, ids, what=("covariance",))
+    skeleton, files = open_lazy(str(models[family]))[:2]
+    reader = BlockReader(skeleton, files)
+    hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, ids)
+    for index in range(len(reader.blocks)):
+        mine = [g for g in groups if g.members[0].layer == index]
+        found = blockwise.block_statistics(skeleton, reader.load(index), mine, hidden, calls[index], ids.numel(), True)
+        for group in mine:
+            assert found[group.name].tokens == whole[group.name].tokens
+            assert torch.equal(found[group.name].covariances[0], whole[group.name].covariances[0]), group.name
+        reader.release(index)
