@@ -249,6 +249,7 @@ def test_runtime_bench_generation_mode(ae_exports, tiny_dirs, capsys):
     from aecompress.cli import main
 
     export = str(ae_exports("llama"))
+    capsys.readouterr()  # what making the export printed
     main(["runtime-bench", "--directory", export, "--tokens", "6", "--new_tokens", "3", "--threads", "1",
           "--compare", f"[{tiny_dirs['llama']}]"])
     lines = capsys.readouterr().out.splitlines()
