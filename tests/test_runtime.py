@@ -244,6 +244,19 @@ def test_runtime_bench_command(ae_exports, capsys):
     assert "resident params: decoded / run-time" in out and "max |decoded - run-time|" in out
 
 
+def test_runtime_bench_generation_mode(ae_exports, tiny_dirs, capsys):
+    """``--new_tokens`` generates from the export (run-time form) and each ``--compare`` model, one line each."""
+    from aecompress.cli import main
+
+    export = str(ae_exports("llama"))
+    capsys.readouterr()  # what making the export printed
+    main(["runtime-bench", "--directory", export, "--tokens", "6", "--new_tokens", "3", "--threads", "1",
+          "--compare", f"[{tiny_dirs['llama']}]"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "run-time" in lines[2] and "transformers" in lines[1] and lines[1].endswith("3/3")
+    assert "6-token random prompt, 3 new tokens" in lines[3]
+
+
 def test_evaluate_runs_the_runtime_form(tiny_lm, tmp_path, capsys):
     """``aecompress evaluate --runtime`` measures the run-time form, and equals the decoded form."""
     from aecompress.cli import main

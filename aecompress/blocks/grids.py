@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from aecompress.blocks.base import item_size
-from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
+from aecompress.core.bits import bit_slice, code_values, pack_bits
 from aecompress.core.budget import packed_bytes
 from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
@@ -40,8 +40,24 @@ def packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpacked(stream: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`packed`: the first ``count`` codes of a stream, as int32."""
-    weights = torch.arange(bits, dtype=torch.int32, device=stream.device)
-    return (unpack_bits(stream, count * bits).view(count, bits).to(torch.int32) << weights).sum(dim=1, dtype=torch.int32)
+    return code_values(stream, count, bits).to(torch.int32)
+
+
+BLOCK_ELEMENTS = 1 << 16
+"""About how many weights a just-in-time decode forms at a time (256 KiB of float32: stays in the CPU's cache)."""
+
+
+def block_rows(rows: int, width: int) -> int:
+    """Rows per block of a just-in-time decode; 0 (decode all at once) where a row's codes do not start a whole
+    word of eight codes (``width`` not a multiple of 8), since only there can a block be read without shifting."""
+    if width % 8:
+        return 0
+    return min(rows, max(8, BLOCK_ELEMENTS // width // 8 * 8))
+
+
+def codes_of(stream: torch.Tensor, first: int, count: int, bits: int) -> torch.Tensor:
+    """Codes ``first .. first + count`` of a stream as exact float32, ``first`` a multiple of 8 (a whole word)."""
+    return code_values(stream[first * bits // 8 : -(-(first + count) * bits // 8)], count, bits)
 
 
 def grid(w: torch.Tensor, levels, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +149,21 @@ def rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels) ->
 
 
 def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``zero + scale * code`` for (rows x width) codes, with one scale and zero per row or per group of columns."""
+    """``zero + scale * code`` for (rows x width) codes, with one scale and zero per row or per group of columns.
+
+    Where no gradient is wanted the sum is formed in place in the one float buffer of the codes:
+    the same two roundings in the same order (``scale * code``, then ``+ zero``), so the same bits,
+    without two more full-size temporaries on every just-in-time decode.
+    """
     m, n = codes.shape
-    if scale.dim() == 1:
-        return zero.float().unsqueeze(1) + scale.float().unsqueeze(1) * codes.float()
-    grouped = codes.float().view(m, scale.shape[1], -1)
-    return (zero.float().unsqueeze(2) + scale.float().unsqueeze(2) * grouped).reshape(m, n)
+    s, z = scale.float(), zero.float()
+    s, z, runs = (s.unsqueeze(1), z.unsqueeze(1), (m, n)) if s.dim() == 1 else (s.unsqueeze(2), z.unsqueeze(2),
+                                                                                 (m, s.shape[1], -1))
+    if torch.is_grad_enabled() and (s.requires_grad or z.requires_grad):
+        return (z + s * codes.float().view(runs)).reshape(m, n)
+    out = codes.float()
+    out.view(runs).mul_(s).add_(z)
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from aecompress.blocks.base import Built, item_size, offsets
-from aecompress.blocks.grids import dequantized, packed, unpacked, zero_codes
+from aecompress.blocks.grids import block_rows, codes_of, dequantized, packed, unpacked, zero_codes
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import packed_bytes
 from aecompress.core.rowsource import RowSource
@@ -82,14 +82,24 @@ class MixedRows(RowSource):
         self.scale = torch.nn.Parameter(scale)
         self.zero = torch.nn.Parameter(zero)
 
+        self.chunk_rows = block_rows(rows, width)
+
     def decode(self) -> torch.Tensor:
-        m, n, bits = self.rows_count, self.width, self.bits
-        wide = self.wide.bool()
-        count = int(wide.sum())
-        codes = torch.empty(m, n, dtype=torch.int32, device=self.narrow.device)
-        codes[~wide] = unpacked(self.narrow, (m - count) * n, bits).view(m - count, n)
-        codes[wide] = unpacked(self.wide_codes, count * n, bits + 1).view(count, n)
-        return dequantized(codes, self.scale, self.zero)
+        return self.decode_rows(0, self.rows_count)
+
+    def decode_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop``: the narrow rows among them are consecutive in the narrow stream, the wide in the wide."""
+        n, bits, rows = self.width, self.bits, stop - start
+        wide = self.wide[start:stop].bool()
+        before, count = int(self.wide[:start].sum()), int(wide.sum())
+        narrow = codes_of(self.narrow, (start - before) * n, (rows - count) * n, bits).view(rows - count, n)
+        widened = codes_of(self.wide_codes, before * n, count * n, bits + 1).view(count, n)
+        if count in (0, rows):
+            codes = widened if count else narrow
+        else:
+            codes = torch.empty(rows, n, device=self.narrow.device)
+            codes[~wide], codes[wide] = narrow, widened
+        return dequantized(codes, self.scale[start:stop], self.zero[start:stop])
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:

@@ -25,6 +25,14 @@ class RowSource(nn.Module):
     ``entries`` (see :class:`aecompress.runtime.cache.DecodeCache`), or None.
     """
 
+    chunk_rows = 0
+    """Rows a source decodes at a time where no gradient is wanted and no cache is on (0: all at once).
+
+    A source whose :meth:`decode_rows` is cheaper than slicing :meth:`decode` sets it, so a layer
+    never holds its whole decoded matrix: each block of rows is decoded while it is still in the
+    CPU's cache and multiplied at once, and an embedding decodes only the rows it looks up.
+    """
+
     def __init__(self, rows: int, width: int):
         super().__init__()
         self.rows_count, self.width = rows, width
@@ -37,6 +45,13 @@ class RowSource(nn.Module):
     def decode(self) -> torch.Tensor:
         """The rows in float32, differentiable in the stored tensors."""
         raise NotImplementedError
+
+    def decode_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop`` in float32, the same values as ``decode()[start:stop]``."""
+        return self.decode()[start:stop]
+
+    def _blockwise(self) -> bool:
+        return bool(self.chunk_rows) and self.cache is None and self._frozen()
 
     def _frozen(self) -> bool:
         tensors = [*self.parameters(), *(p for m in self.shared() for p in m.parameters())]
@@ -57,12 +72,23 @@ class RowSource(nn.Module):
         return self.rows()
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ rowsᵀ + bias``: what an ``nn.Linear`` with these rows computes."""
-        return F.linear(x, self.rows().to(x.dtype), bias)
+        """``x @ rowsᵀ + bias``: what an ``nn.Linear`` with these rows computes (block by block, see ``chunk_rows``)."""
+        if not self._blockwise() or self.chunk_rows >= self.rows_count:
+            return F.linear(x, self.rows().to(x.dtype), bias)
+        outs = []
+        for start in range(0, self.rows_count, self.chunk_rows):
+            stop = min(start + self.chunk_rows, self.rows_count)
+            part = None if bias is None else bias[start:stop]
+            outs.append(F.linear(x, self.decode_rows(start, stop).to(x.dtype), part))
+        return torch.cat(outs, dim=-1)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows at ``ids``: what an ``nn.Embedding`` with these rows returns."""
-        return F.embedding(ids, self.rows())
+        """Rows at ``ids``: what an ``nn.Embedding`` with these rows returns (only those rows, see ``chunk_rows``)."""
+        if not self._blockwise():
+            return F.embedding(ids, self.rows())
+        wanted, where = torch.unique(ids, return_inverse=True)
+        rows = torch.cat([self.decode_rows(r, r + 1) for r in wanted.tolist()])
+        return F.embedding(where, rows)
 
     def extra_repr(self) -> str:
         return f"rows={self.rows_count}, width={self.width}"

@@ -20,14 +20,15 @@ from torch import nn
 from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, meta, offsets
 from aecompress.blocks.grids import (
     MAX_BITS,
+    block_rows,
     check_grid,
     code_cost,
+    codes_of,
     dequantized,
     fitted,
     grid_codes,
     rounded,
     stored,
-    unpacked,
     zeros_of,
 )
 from aecompress.core.bits import bit_slice
@@ -103,10 +104,15 @@ class QuantizedRows(RowSource):
         self.register_buffer("codes", codes)
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero)
+        self.chunk_rows = block_rows(rows, width)
 
     def decode(self) -> torch.Tensor:
-        m, n = self.rows_count, self.width
-        return dequantized(unpacked(self.codes, m * n, self.bits).view(m, n), self.scale, self.zero)
+        return self.decode_rows(0, self.rows_count)
+
+    def decode_rows(self, start: int, stop: int) -> torch.Tensor:
+        n = self.width
+        codes = codes_of(self.codes, start * n, (stop - start) * n, self.bits).view(stop - start, n)
+        return dequantized(codes, self.scale[start:stop], self.zero[start:stop])
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:
@@ -120,7 +126,6 @@ def runtime(form: StoredForm, member_rows: list[int]) -> Built:
         for r0, m in zip(offsets(member_rows), member_rows)
     ]
     return [], sources
-
 
 
 @torch.no_grad()

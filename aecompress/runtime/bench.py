@@ -25,7 +25,10 @@ from aecompress.core.errors import AECompressError
 from aecompress.core.memory import peak_rss, reset_peak, status
 from aecompress.formats.compact import load_compact
 from aecompress.formats.sidecar import read_compact
+from aecompress.runtime.generate import generation, report
 from aecompress.runtime.load import load_runtime
+
+__all__ = ["bench", "generation", "measure", "resident_bytes", "time_forms"]  # generation: run by _child
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -96,9 +99,15 @@ def _child(function: str, *args, threads: int) -> dict:
 
 
 def bench(
-    directory: str, tokens: int = 512, repeats: int = 5, threads: int = 2, cache: bool | int = False, seed: int = 0
+    directory: str, tokens: int = 512, repeats: int = 5, threads: int = 2, cache: bool | int = False, seed: int = 0,
+    new_tokens: int = 0, compare: list[str] | None = None,
 ) -> dict:
     """Compare a compact export's run-time form with its decoded form: memory, speed, outputs.
+
+    With ``--new_tokens N`` it measures greedy generation instead: a ``tokens``-long random prompt,
+    then N new tokens, for the compact export in its run-time form and for each model in
+    ``--compare`` (loaded by transformers in float32), each in a fresh process: tokens per second,
+    prefill time and the whole process's peak resident size.
 
     Memory is measured for each form in a fresh process: resident parameter
     bytes, RSS after loading, and peak RSS during one forward pass. Latency is
@@ -113,6 +122,8 @@ def bench(
         threads: CPU threads for torch in each measuring process.
         cache: run the run-time form with its decode cache (``true``: all, or a byte budget).
         seed: seeds the random input tokens.
+        new_tokens: 0 compares forward passes; N > 0 measures generation of N tokens after the prompt.
+        compare: with ``new_tokens``, other models measured beside the export (packaged names or directories).
     """
     path = Path(directory)
     if not path.is_dir():
@@ -120,6 +131,13 @@ def bench(
     read_compact(path)  # one line saying what to do, for a decoded export or a plain checkpoint
     if tokens < 1 or repeats < 1 or threads < 1:
         raise AECompressError(f"tokens, repeats and threads must be positive, got {tokens}, {repeats}, {threads}")
+    if new_tokens < 0 or (compare and not new_tokens):
+        raise AECompressError(f"new_tokens must be 0 or more, and positive with --compare; got {new_tokens}")
+    if new_tokens:
+        rows = {name: _child("generation", name, tokens, new_tokens, threads, seed, threads=threads)
+                for name in [*(compare or []), str(path)]}
+        report(rows, tokens, new_tokens, threads)
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         rows = {f: _child("measure", str(path), f, tokens, threads, cache, seed, f"{tmp}/{f}.pt", threads=threads)
                 for f in ("decoded", "runtime")}
