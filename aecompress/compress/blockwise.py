@@ -14,13 +14,12 @@ already compressed (as GPTQ does), so each block's statistics describe the input
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 import aecompress.methods as catalogue
 from aecompress.compress.choices import MethodChoice
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, assign_rows, extract_rows
+from aecompress.core.progress import progress
 from aecompress.core.stored import StoredForm
 from aecompress.data import blockwise
 from aecompress.data.calibration import Calibration
@@ -92,7 +91,7 @@ def compress_blockwise(model, files: TensorFiles, calibration: Calibration, choi
     hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, calibration.windows()) if measured else ([], [])
     tokens = calibration.windows().numel()
     forms: dict[str, StoredForm] = {}
-    for index in tqdm(range(last + 1), desc="compress by block", unit="block", leave=False):
+    for index in progress(range(last + 1), "compress by block", "block"):
         block, mine = reader.load(index), per_block[index]
         stats = blockwise.block_statistics(model, block, mine, hidden, calls[index], tokens,
                                            advance=not sequential) if measured else {}
