@@ -53,3 +53,22 @@ def test_sizes_are_read_with_their_units():
     for bad in ("-1GB", "0", "GB", "6 parsecs", True):
         with pytest.raises(AECompressError, match="is not a size"):
             parse_bytes(bad)
+
+
+def test_a_ceiling_over_a_model_that_is_not_a_local_safetensors_checkpoint_says_why(tiny_lm, tmp_path, capsys, cache):
+    """Without safetensors there is no block by block: the line says so, not to drop a --blockwise the user never gave."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_lm["model"], pickled)
+    for weights in pickled.glob("*.safetensors"):
+        torch.save(load_file(weights), pickled / "pytorch_model.bin")
+        weights.unlink()
+    args = _args(tiny_lm, tmp_path / "out", "--max_memory", "1MB")
+    args[args.index("--model") + 1] = pickled
+    code, _, err = run_cli(capsys, *args)
+    assert code != 0 and "over --max_memory 1.0 MB, and block by block needs a local safetensors checkpoint" in err, err
+    assert "--blockwise false" not in err

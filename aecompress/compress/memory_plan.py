@@ -158,8 +158,8 @@ def open_model(name: str, modules: list[str], mode: str, choice: MethodChoice, t
                                   "not one (download it, or save it with save_pretrained)")
         net, source, auto_class = load_model(name, trust_remote_code=trust_remote_code)
         groups = select_groups(net, modules, mode)
-        if ceiling is not None:
-            choose(ceiling, False, whole(net, groups, _measured(choice), target), None)
+        if ceiling is not None:  # not forced: over the ceiling, the line says block by block needs safetensors
+            choose(ceiling, forced, whole(net, groups, _measured(choice), target), None)
         return Opened(net, source, auto_class, groups)
     skeleton, files, source, auto_class = lazy
     groups = select_groups(skeleton, modules, mode)
