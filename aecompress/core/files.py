@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 EXPORT_MARKER = "aecompress.json"
-"""The sidecar every export holds (``formats.sidecar.SIDECAR``): what marks a directory as one of ours to replace."""
+"""The sidecar every export holds (``formats.sidecar.SIDECAR`` is this name): what marks a directory as one of ours
+to replace."""
 
 
 def check_target(target: Path, overwrite: bool) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from aecompress.core.budget import bits_per_weight, original_bytes, whole_model
 from aecompress.core.codes import SCALES_SUFFIX
 from aecompress.core.errors import AECompressError
-from aecompress.core.files import read_json, write_json
+from aecompress.core.files import EXPORT_MARKER, read_json, write_json
 from aecompress.core.stored import StoredForm
 from aecompress.core.version import __version__
 from aecompress.formats.sources import public_name
@@ -24,7 +24,7 @@ from aecompress.formats.sources import public_name
 ExportFormat = Literal["decoded", "compact", "compressed-tensors"]
 FROM_PRETRAINED = ("decoded", "compressed-tensors")
 """The export formats plain transformers loads with ``from_pretrained`` (compressed-tensors needs its package)."""
-SIDECAR = "aecompress.json"
+SIDECAR = EXPORT_MARKER  # core names it, so that --overwrite can recognise an export below this layer
 COMPRESSED = "compressed.safetensors"
 REMAINING = "remaining.safetensors"
 MANIFEST = "SHA256SUMS"
