@@ -120,6 +120,10 @@ class Method:
             out[new] = out.pop(old)
         return out
 
+    def unknown(self, opts: dict) -> list[str]:
+        """The names in ``opts`` that are neither its options nor their old names, sorted."""
+        return sorted(set(opts) - set(self.options()) - set(self.renamed))
+
     def options(self) -> dict[str, object]:
         """The compressor's (or a trained method's builder's) keyword options and their defaults."""
         made_by = self.compress or self.build

@@ -37,11 +37,11 @@ FORMATS = get_args(ExportFormat)
 def _checked(method: str, allocation: str, fmt: str, options: dict | None, modules: list[str] | None,
              dtype: str) -> None:
     """One clear error for a method that is trained or foreign, a budget out of range, or an unknown choice."""
-    closed = sorted(n for n, m in catalogue.METHODS.items() if m.compress is not None and m.budgeted)
+    closed = sorted(catalogue.compressors())
     if method not in closed:
         raise AECompressError(f"--method {method!r} is not a closed-form method; valid: {', '.join(closed)} "
                               "(autoencoders are trained: aecompress fit)")
-    unknown = sorted(set(options or {}) - set(catalogue.options(method)) - set(catalogue.get(method).renamed))
+    unknown = catalogue.get(method).unknown(options or {})
     if unknown:
         raise AECompressError(f"--options {unknown[0]!r} is not an option of {method}; valid: "
                               f"{', '.join(catalogue.options(method))}")

@@ -112,11 +112,11 @@ def compress(
             f"method {method!r} is trained, not computed: use `aecompress fit` or a benchmark recipe; "
             f"closed-form methods: {', '.join(compressors())}"
         )
-    valid = chosen.options()
-    opts = chosen.current(opts)
-    unknown = sorted(set(opts) - set(valid))
+    unknown = chosen.unknown(opts)
     if unknown:
-        raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; valid: {', '.join(valid) or '(none)'}")
+        raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; "
+                              f"valid: {', '.join(chosen.options()) or '(none)'}")
+    opts = chosen.current(opts)
     if tuple(rows.shape) != (group.rows, group.width):
         raise AECompressError(f"group {group.name!r} has shape {(group.rows, group.width)}, got rows {tuple(rows.shape)}")
     if not torch.isfinite(rows).all():

@@ -211,7 +211,7 @@ class CompressorModule(SpecSizing, StartSelection, L.LightningModule):
                 raise AECompressError(f"model.options {options!r}: the autoencoder takes its options as model.* "
                                       "(model.encoder, model.decoder...), not model.options")
             return None
-        unknown = sorted(set(options or {}) - set(row.options()))
+        unknown = row.unknown(options or {})
         if unknown:
             raise AECompressError(f"unknown option {unknown[0]!r} for method {method!r}; valid: "
                                   f"{', '.join(row.options()) or '(none)'}")
