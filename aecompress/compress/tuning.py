@@ -81,13 +81,17 @@ class ScaleTuning(L.LightningModule):
         """The frozen model runs as at inference (no dropout), for the teacher and the student alike."""
         self.model.eval()
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """KL (or hidden-state error) of the compressed model against the original on one window batch."""
+    def _objective(self, batch) -> tuple[torch.Tensor, int]:
+        """KL (or hidden-state error) of the compressed model against the original on one window batch, and its size."""
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
         targets = self.teacher.targets(self.model, ids)
         student = torch.func.functional_call(self.model, substituted_params(self.model, self.decoded()), (),
                                              {"input_ids": ids})
-        loss = self.teacher.mismatch(student, targets)
+        return self.teacher.mismatch(student, targets), ids.shape[0]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """The tune's objective on one window batch, the loss the factors descend."""
+        loss, _ = self._objective(batch)
         if not torch.isfinite(loss):  # the forms were finite before the first step (see tune), so the steps did it
             raise AECompressError(f"tune loss became non-finite at step {self.global_step} (lr {self.lr}); "
                                   "lower the tune's learning rate (--tune_lr; tune.lr in a benchmark)")
@@ -96,11 +100,8 @@ class ScaleTuning(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         """The tune's objective on one window batch, averaged over every window (see :func:`tune`)."""
-        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        student = torch.func.functional_call(self.model, substituted_params(self.model, self.decoded()), (),
-                                             {"input_ids": ids})
-        loss = self.teacher.mismatch(student, self.teacher.targets(self.model, ids))
-        self.log("tune/objective", loss, on_epoch=True, batch_size=ids.shape[0])
+        loss, size = self._objective(batch)
+        self.log("tune/objective", loss, on_epoch=True, batch_size=size)
 
     def configure_optimizers(self):
         """Adam on the log-factors only."""
