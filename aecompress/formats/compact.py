@@ -84,7 +84,7 @@ def export_compact(
         meta["manifest"] = MANIFEST
         sidecar.write(tmp, meta)
         card.write(tmp, meta, source, {**(card_info or {}), "directory_name": Path(out_dir).name})
-        write_manifest(tmp)  # last: it covers every file above, the sidecar included
+        write_manifest(tmp, meta["checksums"])  # last: it covers every file above, the sidecar included
     log.info("wrote compact model to %s", out_dir)
     return Path(out_dir)
 

@@ -28,15 +28,24 @@ def _files(directory: Path) -> list[str]:
     return sorted(name for name in found if name != MANIFEST)
 
 
-def write_manifest(directory: Path) -> None:
-    """Write the manifest of every file in ``directory``: the last write of an export."""
+def write_manifest(directory: Path, known: dict[str, str] | None = None) -> None:
+    """Write the manifest of every file in ``directory``: the last write of an export.
+
+    Args:
+        known: checksums already computed for some files (the tensor files' in the sidecar), not hashed again.
+    """
     directory = Path(directory)
-    lines = [f"{sha256(directory / name)}  {name}\n" for name in _files(directory)]
+    known = known or {}
+    lines = [f"{known.get(name) or sha256(directory / name)}  {name}\n" for name in _files(directory)]
     (directory / MANIFEST).write_text("".join(lines))
 
 
-def check_manifest(directory: Path) -> None:
+def check_manifest(directory: Path, known: dict[str, str] | None = None) -> None:
     """Every file of the export is listed in the manifest, once, with its checksum; nothing else is.
+
+    Args:
+        known: checksums of files the caller has just verified against them (the tensor files against the
+            sidecar's), compared as they are rather than hashing those files a second time.
 
     Raises:
         AECompressError: naming the first file (or manifest line) that does not match.
@@ -45,14 +54,14 @@ def check_manifest(directory: Path) -> None:
     path = directory / MANIFEST
     if not path.is_file():
         raise AECompressError(f"compact export {str(directory)!r} is missing {MANIFEST}, which its {SIDECAR} names")
-    listed = _parse(path)
+    listed, known = _parse(path), known or {}
     for name in _files(directory):
         if name not in listed:
             raise AECompressError(f"{str(directory / name)!r} is not listed in {MANIFEST}: it was added after export")
     for name, digest in listed.items():
         if not (directory / name).is_file():
             raise AECompressError(f"compact export {str(directory)!r} is missing {name}, which {MANIFEST} lists")
-        if sha256(directory / name) != digest:
+        if (known.get(name) or sha256(directory / name)) != digest:
             raise AECompressError(f"checksum mismatch for {str(directory / name)!r}: the file was changed after export")
 
 

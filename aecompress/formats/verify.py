@@ -88,7 +88,7 @@ def _check_files(directory: Path, meta: dict) -> bool:
         return False
     if meta["manifest"] != MANIFEST:
         raise AECompressError(f"{SIDECAR} names manifest {meta['manifest']!r}; valid: {MANIFEST}")
-    check_manifest(directory)
+    check_manifest(directory, meta["checksums"])  # the tensor files were just verified against these
     return True
 
 
