@@ -21,6 +21,7 @@ from aecompress.core.stored import StoredForm
 from aecompress.methods import (
     autoencoder,
     compensated,
+    entropy_coded,
     external,
     fwsvd,
     kronecker,
@@ -42,6 +43,7 @@ METHODS: dict[str, Method] = {
         prune.METHOD,
         quantize.METHOD,
         compensated.METHOD,
+        entropy_coded.METHOD,
         kronecker.METHOD,
         tucker.METHOD,
         autoencoder.METHOD,
