@@ -212,8 +212,12 @@ def compress(
         multiplier *= 2.0 ** (8 * (size - budget) / numbers + MARGIN_BITS)
     if best is None:
         raise infeasible_bytes(group.name, m, n, target, size, "entropy (its codes did not fit)")
+    # What the coder saved: its words per weight against the fixed width the same codes would need.
+    spread = max(2, best["counts"].numel() - 1)
     return StoredForm("entropy", group, best, meta(target, budget, hessian=hessian, feedback=feedback,
-                                                      allocation=allocation, damp=damp, rate=rate, dtype=dtype))
+                                                      allocation=allocation, damp=damp, rate=rate, dtype=dtype,
+                                                      coded_bits=round(32 * best["words"].numel() / numbers, 4),
+                                                      fixed_width_bits=math.ceil(math.log2(spread))))
 
 
 class CodedRows(RowSource):
