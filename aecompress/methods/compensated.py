@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from aecompress.blocks import feedback, mixed_rows
 from aecompress.blocks import grids as kbit
-from aecompress.blocks import mixed_rows
 from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, meta, needs_stats
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting
 from aecompress.core.dtypes import FloatDtype
@@ -66,16 +66,6 @@ def _widest(rows: torch.Tensor, stats: GroupStats, bits: int, count: int, g: int
     return wide
 
 
-def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``: row ``j`` spreads column ``j``'s error onward."""
-    h = h.double().clone()
-    dead = torch.diagonal(h) <= 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
 def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, store: torch.dtype, damp: float,
             order: str = "natural", kind: str = "minmax", zeros: str = "float"):
     """One matrix's codes, scales and zeros (``levels``: each row's largest code), columns rounded in order
@@ -89,7 +79,7 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
     original = w.double()
     rows, cols = w.shape
     perm = torch.argsort(torch.diagonal(h), descending=True) if order == "activation" else torch.arange(cols)
-    factor = _inverse_factor(h[perm][:, perm], damp)
+    factor = feedback.inverse_factor(h[perm][:, perm], damp)
     w = original[:, perm]  # a copy: the updates below never touch the original columns
     codes = torch.zeros(rows, cols, dtype=torch.int32)
     grids = [kbit.fitted(original[:, s : s + g].float(), levels, store, kind, zeros) for s in range(0, cols, g)] \
@@ -139,8 +129,7 @@ def compress(
     if code_bits is not None and (isinstance(code_bits, bool) or not isinstance(code_bits, int)
                                   or not 1 <= code_bits <= MAX_BITS):
         raise AECompressError(f"compensated code_bits {code_bits!r} is not a code width; it must be an integer in 1..{MAX_BITS}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:  # < 0: no Cholesky factor
-        raise AECompressError(f"compensated damp {damp!r} is not a ridge; it must be 0 or more (default 0.01)")
+    feedback.check_damp(damp, "compensated")
     store = float_dtype(dtype, group, "compensated")
     stats = needs_stats(stats, "covariance", group, "compensated")
     m, n = group.rows, group.width
@@ -149,8 +138,7 @@ def compress(
     group_size = n if group_size is None else group_size
     if not isinstance(group_size, int) or group_size < 1 or n % group_size:
         raise AECompressError(f"compensated group_size {group_size!r} must divide group {group.name!r}'s width {n}")
-    if any(c is None for c in stats.covariances):
-        raise AECompressError(f"method 'compensated' needs the input of a linear layer for every matrix of {group.name!r}")
+    feedback.member_covariances(stats, group, "compensated")
     if order not in ("natural", "activation"):
         raise AECompressError(f"compensated order {order!r} is not one of: natural, activation")
     kind = kbit.check_grid(grid, "compensated", zeros)

@@ -34,13 +34,13 @@ from torch import nn
 
 from aecompress.blocks import entropy
 from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta, needs_stats, offsets
-from aecompress.core.budget import Budget, infeasible_bytes
+from aecompress.blocks.feedback import check_damp, inverse_factor, member_covariances
+from aecompress.core.budget import Budget, infeasible_bytes, stored_bytes
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
 from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
-from aecompress.methods.compensated import _inverse_factor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ CLOSE_ENOUGH = 0.004
 
 def _column_steps(w: torch.Tensor, h: torch.Tensor, damp: float, hessian: bool, allocation: str):
     """A member's relative column steps (before the group's multiplier) and its error-feedback factor."""
-    factor = _inverse_factor(h, damp).float()
+    factor = inverse_factor(h, damp).float()
     diag = torch.diagonal(factor)
     if hessian:
         power = (w.double() @ h.double() * w.double()).sum(1).clamp(min=0).mean()
@@ -123,7 +123,8 @@ def _written(codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 def _code_costs(codes: list[torch.Tensor], rate: float) -> tuple[torch.Tensor, int]:
     """Each code's length in bits under these codes' own table, times ``rate`` squared steps per bit (from ``low``)."""
     low = min(int(c.min()) for c in codes)
-    counts = torch.cat([torch.bincount((c - low).long().reshape(-1)) for c in [torch.cat([c.reshape(-1) for c in codes])]])
+    every = torch.cat([c.reshape(-1) for c in codes]).long() - low
+    counts = entropy.table(every, int(every.max()) + 1)
     p = (counts.double() + 0.5) / (counts.sum() + 0.5 * counts.numel())
     return (-p.log2() * rate * RATE_WEIGHT).float(), low
 
@@ -167,8 +168,7 @@ def compress(
     """
     if allocation not in ("relative", "absolute"):
         raise AECompressError(f"entropy allocation {allocation!r} is not one of: relative, absolute")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise AECompressError(f"entropy damp {damp!r} is not a ridge; it must be 0 or more (default 0.01)")
+    check_damp(damp, "entropy")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
         raise AECompressError(f"entropy rate {rate!r} is not a weight; it must be 0 or more (0: nearest codes)")
     store = float_dtype(dtype, group, "entropy")
@@ -177,9 +177,7 @@ def compress(
     budget = target.bytes(m, n)
     parts = rows.split(list(stats.member_rows))
     members = []
-    covariances = stats.covariances
-    if any(c is None for c in covariances):
-        raise AECompressError(f"method 'entropy' needs the input of a linear layer for every matrix of {group.name!r}")
+    covariances = member_covariances(stats, group, "entropy")
     for w, h in zip(parts, covariances):
         steps, factor = _column_steps(w.float(), h, damp, hessian, allocation)
         members.append((w.float(), steps, factor))
@@ -190,8 +188,8 @@ def compress(
         raise infeasible_bytes(group.name, m, n, target, fixed + 256, "entropy (float16 steps and a table)")
     multiplier = _multiplier(members, aim)
     best, cost, low = None, None, 0
+    info = torch.finfo(store)
     for attempt in range(ATTEMPTS):
-        info = torch.finfo(store)
         steps = [(s * multiplier).clamp(info.tiny, info.max).to(store) for _, s, _ in members]  # its normal range
         if rate and cost is None:
             cost, low = _code_costs([torch.round(w / s.float()) for (w, _, _), s in zip(members, steps)], rate)
@@ -202,7 +200,7 @@ def compress(
                   zip(members, covariances, codes, steps)]
         tensors = {**_written(codes), "steps": torch.stack(steps), "scale": torch.cat(scales).unsqueeze(1).to(store),
                    "rows": torch.tensor([w.shape[0] for w, _, _ in members], dtype=torch.int32)}
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        size = stored_bytes(tensors)
         log.info("entropy on %s, try %d: %d bytes (budget %d)", group.name, attempt + 1, size, budget)
         if size <= budget:
             best = tensors
