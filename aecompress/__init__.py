@@ -13,7 +13,7 @@ from aecompress.core.version import __version__
 __all__ = ["load_compact", "__version__"]
 
 
-def load_compact(directory, materialize: bool = True, cache: bool | int = False):
+def load_compact(directory, materialize: bool = True, cache: bool | int = False, kernel: str = "int4"):
     """Rebuild the transformers model from a compact export (see :mod:`aecompress.formats.compact`).
 
     Args:
@@ -21,6 +21,8 @@ def load_compact(directory, materialize: bool = True, cache: bool | int = False)
         materialize: ``True`` decodes every compressed weight to full size once;
             ``False`` returns the run-time form (see :mod:`aecompress.runtime`).
         cache: run-time form only: keep decoded weights between calls.
+        kernel: run-time form only: ``int4`` multiplies generation steps of codes up to 4 bits through
+            torch's fused kernel (bfloat16); ``float32`` keeps every step exact.
     """
     if materialize:
         from aecompress.formats.compact import load_compact as load
@@ -28,4 +30,4 @@ def load_compact(directory, materialize: bool = True, cache: bool | int = False)
         return load(directory, cache=cache)
     from aecompress.runtime.load import load_runtime
 
-    return load_runtime(directory, cache=cache)
+    return load_runtime(directory, cache=cache, kernel=kernel)

@@ -54,6 +54,24 @@ def test_compensated_codes_load_in_plain_transformers_with_the_decoded_exports_l
     assert tensors["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
 
 
+def test_rows_one_bit_wider_are_written_exactly_on_the_wider_width(tiny_lm, tmp_path, capsys, cache):
+    """compensated's default (``fill: true``): narrow rows' codes are the same integers one bit wider."""
+    for fmt in ("decoded", "compressed-tensors"):
+        code, _, err = run_cli(capsys, *_args(tiny_lm, tmp_path / fmt, "--format", fmt, "--tune_steps", "0"))
+        assert code == 0, err
+    meta = json.loads((tmp_path / "compressed-tensors" / "aecompress.json").read_text())
+    assert any(g["meta"]["wide_rows"] for g in meta["groups"])  # the case this test is for
+    widths = {g["weights"]["num_bits"] for g in json.loads((tmp_path / "compressed-tensors" / "config.json")
+                                                            .read_text())["quantization_config"]["config_groups"].values()}
+    assert widths == {g["meta"]["bits"] + 1 for g in meta["groups"] if g["meta"]["wide_rows"]} | \
+        {g["meta"]["bits"] for g in meta["groups"] if not g["meta"]["wide_rows"]}
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    (decoded, want), (packed, got) = (_logits(tmp_path / f, ids) for f in ("decoded", "compressed-tensors"))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for name, weight in decoded.named_parameters():
+        torch.testing.assert_close(packed.get_parameter(name), weight, rtol=2e-6, atol=1e-7, msg=name)
+
+
 def _forms(model, bits, group_size, zeros="int", dtype="float16"):
     forms = {}
     for group in select_groups(model, ["mlp"]):
@@ -107,8 +125,7 @@ def test_float_zeros_on_the_grid_map_exactly_and_others_are_refused():
 
 
 def test_forms_the_layout_cannot_hold_are_refused_in_one_line(tiny_lm, tmp_path, capsys, cache):
-    for extra, message in (([], "rows one bit wider (fill: true)"),  # compensated's default fills
-                           (["--method", "quantize"], "--options '{zeros: int}'"),
+    for extra, message in ((["--method", "quantize"], "--options '{zeros: int}'"),
                            (["--method", "svd"], "uses method 'svd', which stores no integer codes")):
         code, _, err = run_cli(capsys, *_args(tiny_lm, tmp_path / "no", "--format", "compressed-tensors",
                                               "--tune_steps", "0", *extra))

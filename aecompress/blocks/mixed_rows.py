@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from aecompress.blocks.base import Built, item_size, offsets
-from aecompress.blocks.grids import block_rows, codes_of, dequantized, packed, unpacked, zero_codes
+from aecompress.blocks.grids import GridCodes, block_rows, codes_of, dequantized, packed, unpacked, zero_codes
+from aecompress.blocks.int4_kernel import FusedRows
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import packed_bytes
-from aecompress.core.rowsource import RowSource
+from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 
 
@@ -69,7 +70,7 @@ def _zeros(t: dict, scale: torch.Tensor, mine: torch.Tensor, before: int, r0: in
     return -scale.float() * codes.float()
 
 
-class MixedRows(RowSource):
+class MixedRows(FusedRows):
     """One member's rows: narrow and wide packed codes, the wide-row mask, and trainable scales and zeros."""
 
     def __init__(self, rows: int, width: int, bits: int, narrow: torch.Tensor, wide_codes: torch.Tensor,
@@ -101,6 +102,19 @@ class MixedRows(RowSource):
             codes[~wide], codes[wide] = narrow, widened
         return dequantized(codes, self.scale[start:stop], self.zero[start:stop])
 
+    def code_width(self) -> int:
+        return self.bits + int(bool(self.wide.any()))
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes of both streams in row order (the scales and zeros hold the difference in width)."""
+        n, rows = self.width, self.rows_count
+        wide = self.wide.bool()
+        count = int(wide.sum())
+        codes = torch.empty(rows, n)
+        codes[~wide] = codes_of(self.narrow, 0, (rows - count) * n, self.bits).view(rows - count, n)
+        codes[wide] = codes_of(self.wide_codes, 0, count * n, self.bits + 1).view(count, n)
+        return codes, self.scale.detach(), self.zero.detach()
+
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:
     """Each member keeps its own rows' share of both code streams, its mask, scales and zeros."""
@@ -116,6 +130,30 @@ def runtime(form: StoredForm, member_rows: list[int]) -> Built:
         sources.append(MixedRows(m, n, bits, narrow, wide_codes, mine.clone(), scale,
                                  _zeros(t, scale, mine.bool(), before, r0, bits)))
     return [], sources
+
+
+def grid_codes(form: StoredForm) -> GridCodes:
+    """Every row on the wider width: a narrow row's codes and zero codes are the same integers one bit wider.
+
+    So a container that holds one code width per matrix (compressed-tensors) keeps the form exactly,
+    at the cost of one more bit for each narrow code in its file (the accountant still counts the form).
+
+    Raises:
+        AECompressError: for float zeros off the grid, naming the option that stores integer zeros.
+    """
+    (source,) = runtime(form, [form.group.rows])[1]
+    codes, scale, zero = source.grid()
+    if scale.dim() == 1:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    bits = int(form.meta["bits"]) + 1
+    found = zero_codes(scale, zero, 2**bits - 1)
+    if not torch.equal(-scale.float() * found.float(), zero.float()):
+        raise AECompressError(
+            f"group {form.group.name!r} ({form.method}) stores float zero points that are not on its grid "
+            "(zeros: float); integer-code formats hold integer zero points only: pass --options '{zeros: int}'")
+    runs = scale.shape[1]
+    return GridCodes(bits, None if runs == 1 else form.group.width // runs, codes.to(torch.int32), scale,
+                     found.to(torch.int32))
 
 
 @torch.no_grad()

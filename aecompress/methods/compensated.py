@@ -178,12 +178,8 @@ def decode(form: StoredForm) -> torch.Tensor:
 
 
 def codes(form: StoredForm) -> kbit.GridCodes:
-    """The form's integers on one code width; a form with rows one bit wider (``fill``) has two, so it is refused."""
-    if "wide" in form.tensors:
-        raise AECompressError(
-            f"group {form.group.name!r} (compensated) has {form.meta.get('wide_rows')} rows one bit wider (fill: true), "
-            "and integer-code formats hold one code width per matrix: pass --options '{group_size: auto, fill: false}'")
-    return kbit.grid_codes(form)
+    """The form's integers on one code width; with rows one bit wider (``fill``), every row on the wider width."""
+    return (mixed_rows.grid_codes if "wide" in form.tensors else kbit.grid_codes)(form)
 
 
 METHOD = Method("compensated", decode=decode, runtime=runtime, compress=compress, needs=("covariance",), tunable=True,

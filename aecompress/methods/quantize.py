@@ -31,12 +31,12 @@ from aecompress.blocks.grids import (
     stored,
     zeros_of,
 )
+from aecompress.blocks.int4_kernel import FusedRows
 from aecompress.core.bits import bit_slice
 from aecompress.core.budget import Budget, infeasible_bytes, largest_fitting, packed_bytes
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup
-from aecompress.core.rowsource import RowSource
 from aecompress.core.stored import StoredForm
 
 
@@ -95,7 +95,7 @@ def compress(
     return StoredForm("quantize", group, tensors, meta(target, budget, bits=bits, dtype=dtype, **extra))
 
 
-class QuantizedRows(RowSource):
+class QuantizedRows(FusedRows):
     """Packed k-bit codes with per-row scale and zero point (both trainable)."""
 
     def __init__(self, rows: int, width: int, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
@@ -113,6 +113,13 @@ class QuantizedRows(RowSource):
         n = self.width
         codes = codes_of(self.codes, start * n, (stop - start) * n, self.bits).view(stop - start, n)
         return dequantized(codes, self.scale[start:stop], self.zero[start:stop])
+
+    def code_width(self) -> int:
+        return self.bits
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        codes = codes_of(self.codes, 0, self.rows_count * self.width, self.bits).view(self.rows_count, self.width)
+        return codes, self.scale.detach(), self.zero.detach()
 
 
 def runtime(form: StoredForm, member_rows: list[int]) -> Built:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aecompress.blocks.int4_kernel import KERNELS
 from aecompress.core.errors import AECompressError
 from aecompress.core.memory import peak_rss, reset_peak, status
 from aecompress.formats.compact import load_compact
@@ -100,7 +101,7 @@ def _child(function: str, *args, threads: int) -> dict:
 
 def bench(
     directory: str, tokens: int = 512, repeats: int = 5, threads: int = 2, cache: bool | int = False, seed: int = 0,
-    new_tokens: int = 0, compare: list[str] | None = None,
+    new_tokens: int = 0, compare: list[str] | None = None, kernel: str = "int4",
 ) -> dict:
     """Compare a compact export's run-time form with its decoded form: memory, speed, outputs.
 
@@ -124,6 +125,8 @@ def bench(
         seed: seeds the random input tokens.
         new_tokens: 0 compares forward passes; N > 0 measures generation of N tokens after the prompt.
         compare: with ``new_tokens``, other models measured beside the export (packaged names or directories).
+        kernel: with ``new_tokens``, how the export's run-time form multiplies each new token: ``int4`` (torch's
+            fused kernel for grid codes of up to 4 bits, in bfloat16) or ``float32`` (exact decode).
     """
     path = Path(directory)
     if not path.is_dir():
@@ -133,8 +136,10 @@ def bench(
         raise AECompressError(f"tokens, repeats and threads must be positive, got {tokens}, {repeats}, {threads}")
     if new_tokens < 0 or (compare and not new_tokens):
         raise AECompressError(f"new_tokens must be 0 or more, and positive with --compare; got {new_tokens}")
+    if kernel not in KERNELS:
+        raise AECompressError(f"kernel {kernel!r} is not one of: {', '.join(KERNELS)}")
     if new_tokens:
-        rows = {name: _child("generation", name, tokens, new_tokens, threads, seed, threads=threads)
+        rows = {name: _child("generation", name, tokens, new_tokens, threads, seed, kernel, threads=threads)
                 for name in [*(compare or []), str(path)]}
         report(rows, tokens, new_tokens, threads)
         return rows

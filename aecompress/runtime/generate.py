@@ -21,19 +21,19 @@ from aecompress.formats.sources import resolve
 from aecompress.runtime.load import load_runtime
 
 
-def _load(name: str):
+def _load(name: str, kernel: str):
     if (Path(name) / COMPRESSED).is_file():
-        return load_runtime(name), "run-time"
+        return load_runtime(name, kernel=kernel), f"run-time {kernel}"
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32).eval(), "transformers"
 
 
-def generation(name: str, prompt_tokens: int, new_tokens: int, threads: int, seed: int) -> dict:
+def generation(name: str, prompt_tokens: int, new_tokens: int, threads: int, seed: int, kernel: str = "int4") -> dict:
     """Greedy generation of ``new_tokens`` after a random prompt, timed by phase (run in a fresh process)."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model, form = _load(name)
+    model, form = _load(name, kernel)
     loaded_s, rss_loaded = time.perf_counter() - start, status("VmRSS")
     ids = torch.randint(model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
@@ -56,11 +56,11 @@ def generation(name: str, prompt_tokens: int, new_tokens: int, threads: int, see
 def report(rows: dict[str, dict], prompt_tokens: int, new_tokens: int, threads: int) -> None:
     """Print one line per model: load, prefill, tokens per second after the prompt, memory, same tokens."""
     mib, first = 1 << 20, next(iter(rows.values()))["tokens"]
-    print(f"{'model':<34}{'form':<14}{'load':>8}{'prefill':>10}{'tok/s':>8}{'e2e tok/s':>11}{'CPU/token':>11}"
+    print(f"{'model':<34}{'form':<18}{'load':>8}{'prefill':>10}{'tok/s':>8}{'e2e tok/s':>11}{'CPU/token':>11}"
           f"{'RSS loaded':>13}{'peak RSS':>12}  same tokens")
     for name, row in rows.items():
         same = sum(a == b for a, b in zip(row["tokens"], first))
-        print(f"{name[-33:]:<34}{row['form']:<14}{row['load_s']:>7.1f}s{row['prefill_s']:>9.2f}s"
+        print(f"{name[-33:]:<34}{row['form']:<18}{row['load_s']:>7.1f}s{row['prefill_s']:>9.2f}s"
               f"{row['tokens_per_s']:>8.2f}{row['end_to_end_tokens_per_s']:>11.2f}{row['cpu_s_per_token'] * 1e3:>8.0f} ms"
               f"{row['rss_loaded'] / mib:>9.0f} MiB{row['peak_rss_process'] / mib:>8.0f} MiB  {same}/{len(first)}")
     print(f"greedy, {prompt_tokens}-token random prompt, {new_tokens} new tokens, {threads} threads, one fresh "

@@ -10,15 +10,18 @@ from aecompress.formats.compact import open_compact
 from aecompress.runtime.modules import to_runtime
 
 
-def load_runtime(directory: str | Path, cache: bool | int = False) -> nn.Module:
+def load_runtime(directory: str | Path, cache: bool | int = False, kernel: str = "int4") -> nn.Module:
     """Load a compact export with its compressed weights decoded just in time (never held at full size).
 
     Args:
         directory: a directory written by ``aecompress export --format compact``.
         cache: see :func:`aecompress.runtime.modules.to_runtime`.
+        kernel: ``int4`` (the default): grid codes of up to 4 bits multiply one new token at a time
+            through torch's fused kernel, in bfloat16; ``float32``: every step exact.
 
     Returns:
-        The model in eval mode; its outputs match the decoded export's to float tolerance.
+        The model in eval mode; its outputs match the decoded export's to float tolerance (with ``kernel:
+        int4``, to bfloat16 rounding on inputs of at most 16 positions).
     """
     model, forms = open_compact(directory)
-    return to_runtime(model, forms, cache).eval()
+    return to_runtime(model, forms, cache, kernel).eval()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecompress.blocks.int4_kernel import KERNELS
 from aecompress.core.errors import AECompressError
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
@@ -158,7 +159,8 @@ def _stand_in(group: str, name: str, module: nn.Module, member, parts: dict[int,
     return CompressedLinear(pieces, module.bias, linear.shape[1])
 
 
-def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int = False) -> nn.Module:
+def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int = False,
+               kernel: str = "float32") -> nn.Module:
     """Replace the compressed weights of ``model`` by modules that decode them when they run.
 
     Args:
@@ -168,6 +170,9 @@ def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int 
         cache: keep decoded matrices between calls (only while nothing needs
             their gradient): ``False`` (the default) decodes on every call,
             ``True`` keeps all of them, an integer keeps at most that many bytes.
+        kernel: ``float32`` (the default here) decodes and multiplies exactly; ``int4`` multiplies
+            generation-sized inputs of grid codes up to 4 bits through torch's fused kernel, in
+            bfloat16 (see :mod:`aecompress.blocks.int4_kernel`).
 
     Returns:
         The same model, its compressed weights held as in their stored forms.
@@ -177,6 +182,8 @@ def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int 
             module has no run-time form.
     """
     forms = list(forms)
+    if kernel not in KERNELS:
+        raise AECompressError(f"kernel {kernel!r} is not one of: {', '.join(KERNELS)}")
     decode_cache = make_cache(cache)
     params = dict(model.named_parameters())
     for form in forms:
@@ -190,6 +197,7 @@ def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int 
         shared, sources = runtime_parts(form, member_rows)
         for member, source in zip(form.group.members, sources):
             refer(source, "cache", decode_cache)
+            source.kernel = kernel
             by_param.setdefault(member.param, (form.group.name, member, {}))[2][member.part] = source
         groups[form.group.name] = GroupRuntime(form.method, shared, sources)
     # Plan every swap before changing anything, so a refusal leaves the model as it was.
