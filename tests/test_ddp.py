@@ -148,3 +148,39 @@ def test_calibration_covariances_are_reduced_across_ranks(tmp_path):
     assert sorted(int(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)) == [2, 3]  # disjoint shares
     for name, stats in single.items():
         torch.testing.assert_close(reduced[name], torch.stack(stats.covariances), rtol=1e-12, atol=1e-14)
+
+
+def _compress(tiny_lm, out: Path, cache: Path, *extra: str) -> dict:
+    """``aecompress compress`` with a short tune in a fresh process; each group's tune record."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "AECOMPRESS_CACHE": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-m", "aecompress", "compress", "-v", "--model", str(tiny_lm["model"]), "--bits", "3",
+         "--calibration", f"{tiny_lm['text']}:all[-4096:]", "--calibration_window", "32", "--tune_steps", "8",
+         "--tune_lr", "0.01", "--top_k", "8", "--accelerator", "cpu", "--out_dir", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "aecompress.json").read_text())
+    return {"log": done.stdout + done.stderr, "tune": meta["groups"][0]["meta"]["tune"]}
+
+
+# Two ranks of one window each against one process of two windows a step (the same global batch, other
+# windows in each step): after 8 steps the tune's objective over every window agrees within this relative tolerance
+# (measured: 0.15 %; one process of one window a step ends 10 % higher, which this tolerance refuses).
+TUNE_TOLERANCE = 0.02
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_the_scale_tune_under_two_process_cpu_ddp_matches_one_process(tiny_lm, tmp_path):
+    single = _compress(tiny_lm, tmp_path / "single", tmp_path / "cache", "--tune_batch_size", "2")
+    ddp = _compress(tiny_lm, tmp_path / "ddp", tmp_path / "cache", "--strategy", "ddp", "--devices", "2")
+    assert "Starting with 2 processes" in ddp["log"]
+    assert ddp["log"].count("seconds: load and calibration") == 1  # rank 0 alone exported
+    a, b = single["tune"], ddp["tune"]
+    assert a["kept"] and b["kept"] and b["objective_after"] < b["objective_before"]
+    assert abs(a["objective_before"] - b["objective_before"]) <= 1e-4 * a["objective_before"]  # every window, reduced
+    assert abs(a["objective_after"] - b["objective_after"]) <= TUNE_TOLERANCE * a["objective_after"], (a, b)
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ddp")  # a whole export, written once

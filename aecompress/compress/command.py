@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from lightning.pytorch.utilities import rank_zero_only
+
 import aecompress.methods as catalogue
 from aecompress.compress.blockwise import compress_blockwise
 from aecompress.compress.choices import MethodChoice
@@ -69,6 +71,11 @@ def compress(
     tune_lr: float = 1e-3,
     top_k: int | None = 64,
     precision: str = "32-true",
+    tune_batch_size: int = 1,
+    accelerator: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
     format: str = "decoded",
     dtype: str = "float32",
     overwrite: bool = False,
@@ -97,6 +104,12 @@ def compress(
         tune_lr: the tuning's learning rate.
         top_k: next-token targets of the original kept per position while tuning (bounded memory); null: all.
         precision: the tuning's Lightning precision: ``32-true``, or ``bf16-mixed`` on a GPU.
+        tune_batch_size: calibration windows per tuning step, per process (with ``devices: 2``, two such batches a step).
+        accelerator: the tuning's Trainer accelerator (``auto``, ``cpu``, ``gpu``), as ``fit``'s ``--trainer.*``.
+        devices: the tuning's devices (processes) per node; above 1 with ``strategy: ddp``, Lightning's launcher
+            starts the others, each running this command again up to the tune; only rank 0 exports.
+        strategy: the tuning's Trainer strategy: ``auto``, ``ddp``, ``ddp_spawn`` or ``fsdp``.
+        num_nodes: the tuning's nodes (under SLURM or torchrun, as ``fit``).
         format: ``decoded`` (plain transformers loads it), ``compact`` (only what is stored) or
             ``compressed-tensors`` (integer codes in its ``pack-quantized`` layout, which transformers and vLLM
             load; ``quantize`` or ``compensated`` with ``fill: false`` only).
@@ -120,7 +133,10 @@ def compress(
     steps = row.tune_steps if tune_steps is None else tune_steps
     settings.update(options=dict(row.defaults) if options is None else options, modules=modules or ["all"],
                     tune_steps=steps)
-    tune_settings = checked_options({"steps": steps, "lr": tune_lr, "top_k": top_k, "precision": precision})  # even unused
+    tune_settings = checked_options({"steps": steps, "lr": tune_lr, "batch_size": tune_batch_size, "top_k": top_k,
+                                     "precision": precision,
+                                     "accelerator": accelerator, "devices": devices, "strategy": strategy,
+                                     "num_nodes": num_nodes})  # even unused
     choice = MethodChoice(method=method, options=settings["options"], allocation=allocation,
                           tune=tune_settings if steps else {})
     check_tune(choice)
@@ -146,6 +162,8 @@ def compress(
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
     forms = tuned(net, windows, choice, forms)
+    if rank_zero_only.rank != 0:  # a process Lightning's launcher started for the tune: rank 0 writes
+        return Path(out_dir)
     tune_peak, peak = peak_rss(), max(before_tune, peak_rss())
     stored = sum(f.bytes for f in forms)
     print(f"{method}: {bits_per_weight(stored, sum(g.rows * g.width for g in groups)):.3f} bits per weight stored "

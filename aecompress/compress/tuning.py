@@ -101,7 +101,7 @@ class ScaleTuning(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         """The tune's objective on one window batch, averaged over every window (see :func:`tune`)."""
         loss, size = self._objective(batch)
-        self.log("tune/objective", loss, on_epoch=True, batch_size=size)
+        self.log("tune/objective", loss, on_epoch=True, batch_size=size, sync_dist=True)  # over every rank's windows
 
     def configure_optimizers(self):
         """Adam on the log-factors only."""
@@ -125,17 +125,21 @@ class ScaleTuning(L.LightningModule):
         return out
 
 
-OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precision": str}
+OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precision": str, "accelerator": str,
+           "devices": int, "strategy": str, "num_nodes": int}
 """What a tuning may be given, and of which type (a benchmark method's ``tune``, ``compress``'s ``--tune_*``)."""
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+CHOICES = {"precision": PRECISIONS, "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
+           "strategy": ("auto", "ddp", "ddp_spawn", "fsdp")}
+"""The values a tuning's Trainer settings may take (Lightning's own names)."""
 
 
 def _valid(key: str, value) -> bool:
     kind = OPTIONS[key]
-    if key == "precision":
-        return value in PRECISIONS
+    if key in CHOICES:
+        return value in CHOICES[key]
     if key == "top_k" and value is None:
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
@@ -149,7 +153,7 @@ def checked_options(options: dict) -> dict:
         if key not in OPTIONS:
             raise AECompressError(f"tune option {key!r} is not one of: {', '.join(OPTIONS)}")
         if not _valid(key, value):
-            wanted = ("one of " + ", ".join(PRECISIONS) if key == "precision"
+            wanted = ("one of " + ", ".join(CHOICES[key]) if key in CHOICES
                       else "an integer, 0 or more" if key == "steps"
                       else "a positive integer or null" if key == "top_k"
                       else f"a positive {OPTIONS[key].__name__}")
@@ -158,8 +162,15 @@ def checked_options(options: dict) -> dict:
 
 
 def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps: int, lr: float = 1e-3,
-         top_k: int | None = 64, batch_size: int = 1, precision: str = "32-true", seed: int = 0) -> list[StoredForm]:
+         top_k: int | None = 64, batch_size: int = 1, precision: str = "32-true", seed: int = 0,
+         accelerator: str = "auto", devices: int = 1, strategy: str = "auto", num_nodes: int = 1) -> list[StoredForm]:
     """The forms with their scales fine-tuned for ``steps`` steps on calibration ``windows`` against ``model``.
+
+    ``accelerator``, ``devices``, ``strategy`` and ``num_nodes`` go to Lightning's Trainer as ``fit``'s do: with
+    ``strategy: ddp`` Lightning's own launcher starts the other processes (each runs the command again up to
+    here), every rank holds the model and tunes on its share of the windows (``batch_size`` per rank), the
+    factors' gradients are averaged, and the objective is reduced over every window. Every rank returns the
+    same forms; the caller writes them from rank 0 only.
 
     The tune's objective is measured on every window before and after: a tune that made it worse (too
     high a learning rate) returns the untuned forms, with a warning, so nothing exported is worse than
@@ -175,7 +186,8 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
                         generator=torch.Generator().manual_seed(seed))
     every = DataLoader(windows, batch_size=batch_size)
     epochs = math.ceil(steps / max(len(loader), 1))
-    trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator="auto", devices=1, precision=precision, logger=False,
+    trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+                        num_nodes=num_nodes, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         enable_progress_bar=False, callbacks=[ProgressLines("tune", "tune/loss")],  # a log shows it too
                         inference_mode=False)  # the teacher's targets kept while measuring are used again in training
