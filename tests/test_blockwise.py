@@ -62,11 +62,12 @@ def test_sequential_inputs_change_only_the_blocks_after_the_first(models):
     assert all(first) and not all(later)
 
 
-def test_groups_across_blocks_and_a_tune_are_refused_in_one_line(models):
+def test_groups_across_blocks_and_a_tune_on_several_processes_are_refused_in_one_line(models):
     with pytest.raises(AECompressError, match="spans blocks 0..1; .* give --mode separated"):
         _forms(models["llama"], models["text"], MethodChoice(method="svd"), False, mode="concatenated")
-    with pytest.raises(AECompressError, match="no scale tune yet .* give --tune_steps 0"):
-        _forms(models["llama"], models["text"], MethodChoice(method="compensated", tune={"steps": 5}), False)
+    with pytest.raises(AECompressError, match="tunes each block in this one process; --devices 2 .* give --devices 1"):
+        _forms(models["llama"], models["text"], MethodChoice(method="compensated", tune={"steps": 5, "devices": 2}),
+               False)
     with pytest.raises(AECompressError, match="needs fisher"):
         _forms(models["llama"], models["text"], MethodChoice(method="fwsvd"), False)
 
@@ -94,3 +95,69 @@ def test_block_covariances_are_the_whole_models_to_the_last_bit(models, family):
             assert found[group.name].tokens == whole[group.name].tokens
             assert torch.equal(found[group.name].covariances[0], whole[group.name].covariances[0]), group.name
         reader.release(index)
+
+
+def _block_errors(models, forms) -> list[float]:
+    """Each block's output error against the original's, on the calibration batches, with these forms."""
+    from transformers import AutoTokenizer
+
+    from aecompress.compress.block_tuning import BlockStudent
+    from aecompress.data import blockwise
+    from aecompress.formats.blocks import BlockReader
+
+    skeleton, files = open_lazy(str(models["llama"]))[:2]
+    ids = Calibration(skeleton, AutoTokenizer.from_pretrained(models["llama"]), models["text"], 1000, 32,
+                      cache_key=None).windows()
+    reader = BlockReader(skeleton, files)
+    hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, ids)
+    errors = []
+    for index in range(len(reader.blocks)):
+        block = reader.load(index)
+        outputs = list(hidden)
+        blockwise.run_block(block, outputs, calls[index])
+        mine = [f for f in forms if f.group.members[0].layer == index]
+        errors.append(BlockStudent(skeleton, block, reader.block_prefix(index), mine).objective(hidden, outputs,
+                                                                                                 calls[index]))
+        hidden[:] = outputs
+        reader.release(index)
+    return errors
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_block_tune_lowers_every_blocks_output_error_and_keeps_the_bytes(models, sequential):
+    plain = _forms(models["llama"], models["text"], MethodChoice(method="compensated", options={"group_size": 16}),
+                   False, sequential=sequential)
+    tuned = _forms(models["llama"], models["text"], MethodChoice(method="compensated", options={"group_size": 16},
+                                                               tune={"steps": 20, "lr": 0.01}), False,
+                   sequential=sequential)
+    for a, b in zip(plain, tuned):
+        assert b.bytes == a.bytes and torch.equal(a.tensors["codes"], b.tensors["codes"]) if not sequential else True
+        record = b.meta["block_tune"]
+        assert record["kept"] and record["objective_after"] < record["objective_before"]
+        assert not torch.equal(a.tensors["scale"], b.tensors["scale"])  # the factors were folded in
+    if not sequential:  # the same inputs as the untuned forms saw: every block's error is lower with the tune
+        assert all(t < p for t, p in zip(_block_errors(models, tuned), _block_errors(models, plain)))
+
+
+def test_a_block_tune_that_makes_things_worse_is_dropped(models):
+    plain = _forms(models["llama"], models["text"], MethodChoice(method="compensated", options={"group_size": 16}), False)
+    wild = _forms(models["llama"], models["text"], MethodChoice(method="compensated", options={"group_size": 16},
+                                                              tune={"steps": 3, "lr": 50.0}), False)
+    for a, b in zip(plain, wild):
+        assert not b.meta["block_tune"]["kept"]
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_compress_tunes_block_by_block_and_the_card_says_so(models, tmp_path, capsys, cache):
+    from conftest import run_cli
+
+    code, out, err = run_cli(capsys, "compress", "--model", models["llama"], "--bits", "3", "--mode", "separated",
+                             "--blockwise", "true", "--tune_steps", "10", "--tune_lr", "0.01", "--calibration",
+                             models["text"], "--calibration_window", "32", "--out_dir", tmp_path / "out")
+    assert code == 0, err
+    import json
+
+    groups = json.loads((tmp_path / "out" / "aecompress.json").read_text())["groups"]
+    assert all(g["meta"]["block_tune"]["kept"] for g in groups) and not any("tune" in g["meta"] for g in groups)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Tune, block by block: only the stored scales" in card and "kept in 2 of 2 blocks." in card

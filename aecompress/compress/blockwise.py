@@ -15,6 +15,7 @@ already compressed (as GPTQ does), so each block's statistics describe the input
 from __future__ import annotations
 
 import aecompress.methods as catalogue
+from aecompress.compress.block_tuning import tune_block
 from aecompress.compress.choices import MethodChoice
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
@@ -56,10 +57,13 @@ def block_groups(reader: BlockReader, groups: list[WeightGroup]) -> list[list[We
 
 
 def check_blockwise(choice: MethodChoice) -> None:
-    """One clear line for what block by block cannot do (yet): the scale tune, a measured allocation, Fisher weights."""
-    if choice.tune:
-        raise AECompressError("block by block has no scale tune yet (it tunes the whole model at once); "
-                              "give --tune_steps 0")
+    """One clear line for what block by block cannot do: a tune on several processes, a measured allocation, Fisher
+    weights."""
+    spread = {k: choice.tune[k] for k in ("devices", "num_nodes") if choice.tune.get(k, 1) != 1}
+    if spread:
+        key, value = next(iter(spread.items()))
+        raise AECompressError(f"block by block tunes each block in this one process; --{key} {value} applies to the "
+                              f"whole-model tune: give --{key} 1")
     if choice.allocation != "uniform":
         raise AECompressError(f"block by block shares the budget uniformly; --allocation {choice.allocation!r} "
                               "measures the whole model: give --allocation uniform")
@@ -78,7 +82,8 @@ def compress_blockwise(model, files: TensorFiles, calibration: Calibration, choi
         model: the model's skeleton (meta device); each block is given its weights while it is worked on.
         files: the checkpoint's safetensors files.
         calibration: the calibration windows (its statistics are not used: they are summed here, block by block).
-        choice: the method, options and (uniform) allocation; no tune.
+        choice: the method, options and (uniform) allocation; its tune, if any, runs per block
+            (:mod:`aecompress.compress.block_tuning`): ``steps`` steps of each block, one calibration batch a step.
         groups: the groups, each inside one block.
         target: every group's budget.
         sequential: feed each block the outputs of the compressed blocks before it, not the original's.
@@ -89,16 +94,29 @@ def compress_blockwise(model, files: TensorFiles, calibration: Calibration, choi
     last = max((i for i, mine in enumerate(per_block) if mine), default=-1)
     measured = "covariance" in catalogue.get(choice.method).needs
     hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, calibration.windows()) if measured else ([], [])
+    steps = choice.tune.get("steps", 0) if choice.tune else 0
+    if steps and not measured:  # the tune needs every block's inputs and the original's outputs
+        hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, calibration.windows())
     tokens = calibration.windows().numel()
     forms: dict[str, StoredForm] = {}
     for index in progress(range(last + 1), "compress by block", "block"):
         block, mine = reader.load(index), per_block[index]
-        stats = blockwise.block_statistics(model, block, mine, hidden, calls[index], tokens,
-                                           advance=not sequential) if measured else {}
+        # With the tune, the original block's outputs are kept apart from its inputs: they are its targets.
+        outputs = list(hidden) if steps else hidden
+        stats = blockwise.block_statistics(model, block, mine, outputs, calls[index], tokens,
+                                           advance=bool(steps) or not sequential) if measured else {}
+        if steps and not measured:
+            blockwise.run_block(block, outputs, calls[index])
         for group in mine:
             forms[group.name] = catalogue.compress(choice.method, group, extract_rows(model, group), target,
                                                    stats.get(group.name), **choice.options)
-        if measured and sequential:
+        if steps:
+            tuned = tune_block(model, block, reader.block_prefix(index), [forms[g.name] for g in mine], hidden,
+                               outputs, calls[index], steps, choice.tune.get("lr", 1e-3))
+            forms.update({f.group.name: f for f in tuned})
+            if not sequential:
+                hidden[:] = outputs
+        if (measured or steps) and sequential:
             for group in mine:
                 assign_rows(model, group, catalogue.decode(forms[group.name]))
             blockwise.run_block(block, hidden, calls[index])

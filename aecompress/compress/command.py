@@ -161,7 +161,8 @@ def compress(
                                lambda: allocator.damage_on(net, tokenizer, calibration))
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
-    forms = tuned(net, windows, choice, forms)
+    if opened.files is None:  # block by block tuned each block as it went: the whole model is never held
+        forms = tuned(net, windows, choice, forms)
     if rank_zero_only.rank != 0:  # a process Lightning's launcher started for the tune: rank 0 writes
         return Path(out_dir)
     tune_peak, peak = peak_rss(), max(before_tune, peak_rss())

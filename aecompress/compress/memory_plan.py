@@ -92,12 +92,14 @@ def _stored(groups: list[WeightGroup], target: Budget) -> int:
 
 
 def blockwise(model: nn.Module, blocks: nn.ModuleList, per_block: list[list[WeightGroup]], measured: bool,
-              target: Budget, activations: int) -> Estimate:
+              target: Budget, activations: int, tuned: bool = False) -> Estimate:
     """Block by block: the body, the largest block twice (weights, rows), its statistics, activations, forms, export.
 
     Args:
         activations: the calibration tokens times the hidden width (the activations between blocks hold this many
             float32 numbers, and one more batch while a block runs).
+        tuned: each block's scales are tuned (:mod:`aecompress.compress.block_tuning`): the original block's outputs
+            are held beside its inputs, and the tune holds the block's decoded rows, their factors and gradients.
     """
     base = getattr(model, "base_model", model)
     body = _numbers(base) - _numbers(blocks)
@@ -106,7 +108,8 @@ def blockwise(model: nn.Module, blocks: nn.ModuleList, per_block: list[list[Weig
     widest = max((g.rows * g.width for mine in per_block for g in mine), default=0)
     return Estimate("block by block", {
         "body outside the blocks": FLOAT32 * body, "largest block and its rows": 2 * FLOAT32 * largest,
-        "its statistics": stats, "activations between blocks": FLOAT32 * activations if measured else 0,
+        "its statistics": stats, "activations between blocks": FLOAT32 * activations if measured or tuned else 0,
+        "the original block's outputs and the block tune": FLOAT32 * (activations + 3 * largest) if tuned else 0,
         "stored forms": _stored([g for mine in per_block for g in mine], target),
         "export (a tensor read, cast and decoded)": 3 * FLOAT32 * widest, "fixed": FIXED})
 
@@ -170,7 +173,8 @@ def open_model(name: str, modules: list[str], mode: str, choice: MethodChoice, t
     check_blockwise(choice)
     reader = BlockReader(skeleton, files)
     width = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0)
-    by_block = blockwise(skeleton, reader.blocks, block_groups(reader, groups), _measured(choice), target, tokens * width)
+    by_block = blockwise(skeleton, reader.blocks, block_groups(reader, groups), _measured(choice), target, tokens * width,
+                         bool(choice.tune))
     choose(ceiling, forced, whole_model, by_block)
     return Opened(skeleton, source, auto_class, groups, files)
 

@@ -20,6 +20,10 @@ def tune_record(choice: MethodChoice, forms: list[StoredForm]) -> dict | None:
     """The tune as run: its settings and, from the forms' meta, its objective before and after and whether it was kept."""
     if not choice.tune:
         return None
+    blocks = {f.group.members[0].layer: f.meta["block_tune"] for f in forms if "block_tune" in f.meta}
+    if blocks:  # block by block: one tune per transformer block
+        return {"steps": choice.tune["steps"], "lr": choice.tune.get("lr", 1e-3), "blocks": len(blocks),
+                "blocks_kept": sum(bool(b["kept"]) for b in blocks.values())}
     outcome = next((f.meta["tune"] for f in forms if "tune" in f.meta), {})
     return {**choice.tune, **{k: outcome[k] for k in ("kept", "objective_before", "objective_after") if k in outcome}}
 

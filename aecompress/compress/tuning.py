@@ -60,11 +60,11 @@ class ScaleTuning(L.LightningModule):
         self.teacher = Teacher(top_k)
         self.logs = nn.ParameterList()
         for i, form in enumerate(self.forms):
-            rows = decode(form).float()
             if tunable(form):
-                runs = _runs(form)
-                rows = rows.view(form.group.rows, runs, form.group.width // runs)
-                self.logs.append(nn.Parameter(torch.zeros(form.group.rows, runs)))
+                rows, log_factor = factors(form)
+                self.logs.append(nn.Parameter(log_factor))
+            else:
+                rows = decode(form).float()
             self.register_buffer(f"base{i}", rows, persistent=False)
 
     def decoded(self) -> dict[WeightGroup, torch.Tensor]:
@@ -72,9 +72,7 @@ class ScaleTuning(L.LightningModule):
         out, learned = {}, iter(self.logs)
         for i, form in enumerate(self.forms):
             base = getattr(self, f"base{i}")
-            if tunable(form):
-                base = (base * next(learned).exp().unsqueeze(-1)).reshape(form.group.rows, form.group.width)
-            out[form.group] = base
+            out[form.group] = scaled(form, base, next(learned)) if tunable(form) else base
         return out
 
     def on_train_epoch_start(self) -> None:
@@ -110,19 +108,33 @@ class ScaleTuning(L.LightningModule):
     @torch.no_grad()
     def stored(self) -> list[StoredForm]:
         """The forms with each learned factor folded into its stored scale (and float zero): same tensors, same bytes."""
-        out, learned = [], iter(self.logs)
-        for form in self.forms:
-            if not tunable(form):
-                out.append(form)
-                continue
-            factor = next(learned).detach().float().cpu().exp()
-            tensors = dict(form.tensors)
-            for key in ("scale", "zero"):
-                if key in tensors:
-                    value = tensors[key]
-                    tensors[key] = (value.float() * factor.view(value.shape)).to(value.dtype).contiguous()
-            out.append(dataclasses.replace(form, tensors=tensors, meta={**form.meta, "tuned_steps": self.global_step}))
-        return out
+        learned = iter(self.logs)
+        return [folded(f, next(learned), self.global_step) if tunable(f) else f for f in self.forms]
+
+
+@torch.no_grad()
+def factors(form: StoredForm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tunable form's decoded rows as (rows x runs x columns per run), and a zero log-factor per run to learn."""
+    runs = _runs(form)
+    rows = decode(form).float().view(form.group.rows, runs, form.group.width // runs)
+    return rows, torch.zeros(form.group.rows, runs)
+
+
+def scaled(form: StoredForm, base: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
+    """The rows with each run's learned factor applied, differentiably (``base`` from :func:`factors`)."""
+    return (base * log_factor.exp().unsqueeze(-1)).reshape(form.group.rows, form.group.width)
+
+
+@torch.no_grad()
+def folded(form: StoredForm, log_factor: torch.Tensor, steps: int) -> StoredForm:
+    """The form with a learned factor per run folded into its stored scale (and float zero): same tensors, same bytes."""
+    factor = log_factor.detach().float().cpu().exp()
+    tensors = dict(form.tensors)
+    for key in ("scale", "zero"):
+        if key in tensors:
+            value = tensors[key]
+            tensors[key] = (value.float() * factor.view(value.shape)).to(value.dtype).contiguous()
+    return dataclasses.replace(form, tensors=tensors, meta={**form.meta, "tuned_steps": steps})
 
 
 OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precision": str, "accelerator": str,

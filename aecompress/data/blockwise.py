@@ -43,7 +43,8 @@ def _pass_through(*args, **kwargs):
     return args[0]
 
 
-def _first(output):
+def first_output(output):
+    """A block's hidden states, whether it returns them alone or first in a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -95,7 +96,7 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[Call]) -
     block.eval()
     try:
         for j, call in enumerate(calls):
-            hidden[j] = _first(block(hidden[j], *call.args, **call.kwargs)).detach()
+            hidden[j] = first_output(block(hidden[j], *call.args, **call.kwargs)).detach()
     finally:
         block.train(was_training)
 

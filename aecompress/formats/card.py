@@ -71,6 +71,12 @@ def _tune_line(tune: dict | None) -> str:
     if not tune:
         return ("- Tune: none (`--tune_steps 0`): the codes and scales are as the method computed them, "
                 "one matrix at a time.")
+    if "blocks_kept" in tune:
+        return (f"- Tune, block by block: only the stored scales (the codes kept as they are, the same bytes) of each "
+                f"transformer block were fine-tuned for {tune['steps']} steps (Adam, lr {tune['lr']:g}) so that the "
+                "block's outputs match the original block's on the calibration text: no labels, no task data. "
+                f"The tune was kept in {tune['blocks_kept']} of {tune['blocks']} blocks"
+                + (" (in the others it lowered nothing)." if tune["blocks_kept"] < tune["blocks"] else "."))
     top = "all" if tune.get("top_k") is None else f"top-{tune['top_k']}"
     outcome = ""
     if "objective_before" in tune:
