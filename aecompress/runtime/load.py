@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from aecompress.core.memory import give_back
 from aecompress.formats.compact import open_compact
 from aecompress.runtime.modules import to_runtime
 
@@ -24,4 +25,8 @@ def load_runtime(directory: str | Path, cache: bool | int = False, kernel: str =
         int4``, to bfloat16 rounding on inputs of at most 16 positions).
     """
     model, forms = open_compact(directory)
-    return to_runtime(model, forms, cache, kernel).eval()
+    model = to_runtime(model, forms, cache, kernel).eval()
+    # The fresh model's own weights for the compressed matrices were built and dropped: hand their memory back,
+    # or glibc keeps it (SmolLM2 at 3 bpw: 913 MiB resident after loading, 500 MiB with the trim).
+    give_back()
+    return model
