@@ -161,3 +161,29 @@ def test_compress_tunes_block_by_block_and_the_card_says_so(models, tmp_path, ca
     assert all(g["meta"]["block_tune"]["kept"] for g in groups) and not any("tune" in g["meta"] for g in groups)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Tune, block by block: only the stored scales" in card and "kept in 2 of 2 blocks." in card
+
+
+def test_a_tied_head_is_not_stored_block_by_block_either(models, tmp_path, capsys, cache):
+    """SmolLM2 ties its head to its embedding; block by block gives the embedding its own tensor, so the tie is read
+    from the model's declaration (this compact export once failed: the files do not hold 'lm_head.weight')."""
+    import transformers
+    from conftest import run_cli
+
+    tied = tmp_path / "tied"
+    config = transformers.AutoConfig.from_pretrained(models["llama"])
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tied)
+    char_tokenizer(tied)
+    outs = {}
+    for path in ("false", "true"):
+        code, _, err = run_cli(capsys, "compress", "--model", tied, "--bits", "3", "--mode", "separated", "--tune_steps",
+                               "0", "--blockwise", path, "--format", "compact", "--calibration", models["text"],
+                               "--calibration_window", "32", "--out_dir", tmp_path / path)
+        assert code == 0, err
+        outs[path] = (tmp_path / path / "remaining.safetensors").read_bytes()
+    assert outs["false"] == outs["true"]
+    from aecompress import load_compact
+
+    model = load_compact(tmp_path / "true")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
