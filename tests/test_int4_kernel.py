@@ -123,3 +123,15 @@ def test_the_runtime_form_generates_with_the_kernel(tmp_path, tiny_lm, capsys, c
     held = [s for s in fused_model.modules() if isinstance(s, int4_kernel.FusedRows)]
     assert held and all(getattr(s, "_int4", (None, None))[1] is not None for s in held)
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+def test_an_input_that_wants_a_gradient_and_inference_mode_are_served():
+    src = source("quantize", code_bits=4, group_size=32)
+    src.requires_grad_(False)
+    x = inputs(2).requires_grad_(True)
+    src.apply(x).sum().backward()  # the exact path: the kernel has no derivative
+    assert x.grad is not None and getattr(src, "_int4", None) is None
+    with torch.inference_mode():
+        made = source("quantize", code_bits=4, group_size=32)  # inference tensors keep no version counter
+        made.apply(inputs(2))
+    assert made._int4[1] is not None

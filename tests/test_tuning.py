@@ -103,3 +103,14 @@ def test_a_short_step_says_nothing_in_a_log_and_a_long_one_says_where_it_stands(
     shown.update()
     assert capsys.readouterr().err == "slow: 1/4 batches (25%), elapsed 0:00:10, ETA 0:00:30\n"
     assert shown.line(40.0) == "slow: 1/4 batches (25%), elapsed 0:00:40, ETA 0:02:00"
+
+
+def test_a_benchmark_tune_on_several_processes_is_refused_in_one_line():
+    from aecompress.compress.choices import MethodChoice
+    from aecompress.compress.pipeline import closed_form
+    from aecompress.core.budget import Budget
+    from aecompress.core.errors import AECompressError
+
+    with pytest.raises(AECompressError, match="tune devices 2: a benchmark tunes in one process"):
+        closed_form(None, None, MethodChoice(method="compensated", tune={"steps": 2, "devices": 2}), [],
+                    Budget.of_bits(3), None)

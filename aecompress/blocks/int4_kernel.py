@@ -16,7 +16,8 @@ Where it applies, and what it costs:
   exact decode by bfloat16 rounding; ``kernel: float32`` keeps every step exact.
 - **Shapes it takes:** rows a multiple of 16, and a run of columns per scale that splits into the kernel's
   groups of 32, 64, 128 or 256 columns (96 becomes three groups of 32 with the same scale: exact).
-  Any other form, wider codes, a decode cache or a gradient falls back to the exact path.
+  Any other form, wider codes, a decode cache or a gradient (to the stored scales or to the input: the
+  kernel has no derivative) falls back to the exact path.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ class FusedRows(RowSource):
         """The packed matrix, when this call may use it (rebuilt if a scale or zero changed since)."""
         if (self.kernel != "int4" or x.device.type != "cpu" or x.dtype != torch.float32
                 or x.numel() // self.width > FUSED_TOKENS or self.cache is not None or not self._frozen()
+                or (torch.is_grad_enabled() and x.requires_grad)  # the kernel has no derivative
                 or self.code_width() > 4 or not available()):
             return None
-        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        # Inference tensors keep no version counter, and cannot be changed outside inference mode anyway.
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (*self.parameters(), *self.buffers()))
         held = getattr(self, "_int4", None)
         if held is None or held[0] != key:
             held = (key, self._packed())

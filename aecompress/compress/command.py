@@ -108,7 +108,7 @@ def compress(
         accelerator: the tuning's Trainer accelerator (``auto``, ``cpu``, ``gpu``), as ``fit``'s ``--trainer.*``.
         devices: the tuning's devices (processes) per node; above 1 with ``strategy: ddp``, Lightning's launcher
             starts the others, each running this command again up to the tune; only rank 0 exports.
-        strategy: the tuning's Trainer strategy: ``auto``, ``ddp``, ``ddp_spawn`` or ``fsdp``.
+        strategy: the tuning's Trainer strategy: ``auto`` or ``ddp`` (Lightning's launcher).
         num_nodes: the tuning's nodes (under SLURM or torchrun, as ``fit``).
         format: ``decoded`` (plain transformers loads it), ``compact`` (only what is stored) or
             ``compressed-tensors`` (integer codes in its ``pack-quantized`` layout, which transformers and vLLM

@@ -26,6 +26,11 @@ def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: l
     ``choice`` asks, then fine-tuned if it asks (``damage``: a callable giving the allocator's measure, only
     called for a measured plan). The plan is printed before anything is compressed, and returned (None for uniform)."""
     check_tune(choice)
+    spread = {k: v for k, v in choice.tune.items() if k in ("devices", "num_nodes") and v != 1}
+    if spread:  # Lightning's launcher would run the whole benchmark again in every other process
+        key, value = next(iter(spread.items()))
+        raise AECompressError(f"tune {key} {value}: a benchmark tunes in one process; several processes are for "
+                              "`aecompress compress --devices N --strategy ddp`")
     stats: dict[str, GroupStats] = {}
     for kind in catalogue.get(choice.method).needs:
         model.requires_grad_(True)  # Fisher needs weight gradients; an AE run may have frozen them

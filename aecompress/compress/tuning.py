@@ -90,7 +90,9 @@ class ScaleTuning(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """The tune's objective on one window batch, the loss the factors descend."""
         loss, _ = self._objective(batch)
-        if not torch.isfinite(loss):  # the forms were finite before the first step (see tune), so the steps did it
+        # Every rank decides together: a rank that stopped alone would leave the others waiting in the all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            # the forms were finite before the first step (see tune), so the steps did it
             raise AECompressError(f"tune loss became non-finite at step {self.global_step} (lr {self.lr}); "
                                   "lower the tune's learning rate (--tune_lr; tune.lr in a benchmark)")
         self.log("tune/loss", loss, prog_bar=True, on_step=True)
@@ -143,9 +145,10 @@ OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precisio
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
-CHOICES = {"precision": PRECISIONS, "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
-           "strategy": ("auto", "ddp", "ddp_spawn", "fsdp")}
-"""The values a tuning's Trainer settings may take (Lightning's own names)."""
+CHOICES = {"precision": PRECISIONS, "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"), "strategy": ("auto", "ddp")}
+"""The values a tuning's Trainer settings may take (Lightning's own names). Not ``fsdp``: the tune calls the model
+functionally with its own parameter names and folds factors into unsharded scales; not ``ddp_spawn``: the spawned
+processes' step count does not come back to the main one."""
 
 
 def _valid(key: str, value) -> bool:
@@ -197,8 +200,8 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
     loader = DataLoader(windows, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     every = DataLoader(windows, batch_size=batch_size)
-    epochs = math.ceil(steps / max(len(loader), 1))
-    trainer = L.Trainer(max_steps=steps, max_epochs=epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+    # max_epochs=-1: the steps decide (under DDP each rank's epoch is shorter).
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
                         num_nodes=num_nodes, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         enable_progress_bar=False, callbacks=[ProgressLines("tune", "tune/loss")],  # a log shows it too
