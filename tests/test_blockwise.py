@@ -164,8 +164,8 @@ def test_compress_tunes_block_by_block_and_the_card_says_so(models, tmp_path, ca
 
 
 def test_a_tied_head_is_not_stored_block_by_block_either(models, tmp_path, capsys, cache):
-    """SmolLM2 ties its head to its embedding; block by block gives the embedding its own tensor, so the tie is read
-    from the model's declaration (this compact export once failed: the files do not hold 'lm_head.weight')."""
+    """SmolLM2 ties its head to its embedding; block by block gives the embedding a new tensor, so the reader ties
+    the head to it again (this compact export once failed: the files do not hold 'lm_head.weight')."""
     import transformers
     from conftest import run_cli
 

@@ -62,6 +62,10 @@ class BlockReader:
         for module in base.modules():
             if id(module) not in inside:
                 self._fill(names[id(module)], module, recurse=False)
+        # Filling gave the embedding a new tensor: tie the head to it again, as the model ties them, so the head is
+        # one tensor with the embedding (not read, not stored twice) wherever the skeleton is used afterwards.
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
         return base
 
     def load(self, index: int) -> nn.Module:

@@ -37,21 +37,6 @@ from aecompress.methods import METHODS
 log = logging.getLogger(__name__)
 
 
-def _declared_ties(model: nn.Module) -> dict[str, str]:
-    """Tied weight -> the weight it repeats, as the model declares it (a tied head, when the config ties it).
-
-    On a skeleton whose body was given real tensors one module at a time (block by block), the head and the
-    embedding are no longer one tensor, so the declaration is what says the head is not stored.
-    """
-    declared = getattr(model, "get_expanded_tied_weights_keys", None)
-    if declared is None:
-        return {}
-    try:
-        return dict(declared(all_submodels=True))
-    except (TypeError, AttributeError, ValueError):  # an older transformers: ties are one tensor there
-        return {}
-
-
 def _remaining_state(model: nn.Module, forms: dict[str, StoredForm]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Weights not fully covered by a group, with tied duplicates dropped (on a skeleton: tied by being one tensor)."""
     whole = {m.param for f in forms.values() for m in f.group.members if m.parts == 1}
@@ -62,10 +47,9 @@ def _remaining_state(model: nn.Module, forms: dict[str, StoredForm]) -> tuple[di
 
     dropped_ptrs = {where(state[p]) for p in whole}
     remaining, dropped, seen = {}, [], set()
-    declared = _declared_ties(model)
     for name, tensor in state.items():
         key = (where(tensor), tuple(tensor.shape), tensor.stride())
-        if name in whole or where(tensor) in dropped_ptrs or key in seen or declared.get(name) in remaining:
+        if name in whole or where(tensor) in dropped_ptrs or key in seen:
             dropped.append(name)
             continue
         seen.add(key)
