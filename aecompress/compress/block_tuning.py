@@ -15,12 +15,15 @@ import logging
 import torch
 from torch import nn
 
-from aecompress.compress.tuning import factors, folded, scaled, tunable
+from aecompress.compress.tuning import factors, folded, recorded, scaled, tunable
 from aecompress.core.groups import substituted_params
 from aecompress.core.stored import StoredForm
 from aecompress.data.blockwise import Call, first_output
 
 log = logging.getLogger(__name__)
+
+BLOCK_TUNE = "block_tune"
+"""The meta key each tuned form records the block tune's outcome under."""
 
 
 class BlockStudent:
@@ -88,15 +91,8 @@ def tune_block(model: nn.Module, block: nn.Module, prefix: str, forms: list[Stor
     if not record["kept"]:  # worse, or not finite
         log.warning("the block tune of %s made its output error worse (%.4g -> %.4g); kept the untuned forms",
                     prefix, before, after)
-        return [_recorded(f, record) for f in forms]
+        return [recorded(f, record, BLOCK_TUNE) for f in forms]
     learned = dict(zip((f.group.name for f in student.forms), student.logs))
-    return [_recorded(folded(f, learned[f.group.name], steps), record) if f.group.name in learned else f
+    return [recorded(folded(f, learned[f.group.name], steps), record, BLOCK_TUNE) if f.group.name in learned else f
             for f in forms]
-
-
-def _recorded(form: StoredForm, record: dict) -> StoredForm:
-    """The form with the block tune's outcome in its meta (only forms whose scales it could change)."""
-    if not tunable(form):
-        return form
-    return StoredForm(form.method, form.group, form.tensors, {**form.meta, "block_tune": dict(record)})
 

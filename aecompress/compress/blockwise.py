@@ -17,6 +17,7 @@ from __future__ import annotations
 import aecompress.methods as catalogue
 from aecompress.compress.block_tuning import tune_block
 from aecompress.compress.choices import MethodChoice
+from aecompress.compress.tuning import spread
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, assign_rows, extract_rows
@@ -59,9 +60,9 @@ def block_groups(reader: BlockReader, groups: list[WeightGroup]) -> list[list[We
 def check_blockwise(choice: MethodChoice) -> None:
     """One clear line for what block by block cannot do: a tune on several processes, a measured allocation, Fisher
     weights."""
-    spread = {k: choice.tune[k] for k in ("devices", "num_nodes") if choice.tune.get(k, 1) != 1}
-    if spread:
-        key, value = next(iter(spread.items()))
+    several = spread(choice.tune)
+    if several:
+        key, value = several
         raise AECompressError(f"block by block tunes each block in this one process; --{key} {value} applies to the "
                               f"whole-model tune: give --{key} 1")
     if choice.allocation != "uniform":
@@ -93,10 +94,10 @@ def compress_blockwise(model, files: TensorFiles, calibration: Calibration, choi
     per_block = block_groups(reader, groups)
     last = max((i for i, mine in enumerate(per_block) if mine), default=-1)
     measured = "covariance" in catalogue.get(choice.method).needs
-    hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, calibration.windows()) if measured else ([], [])
     steps = choice.tune.get("steps", 0) if choice.tune else 0
-    if steps and not measured:  # the tune needs every block's inputs and the original's outputs
-        hidden, calls = blockwise.block_calls(reader.body(), reader.blocks, calibration.windows())
+    # The statistics and the tune need every block's inputs (and the tune the original's outputs).
+    hidden, calls = (blockwise.block_calls(reader.body(), reader.blocks, calibration.windows()) if measured or steps
+                     else ([], []))
     tokens = calibration.windows().numel()
     forms: dict[str, StoredForm] = {}
     for index in progress(range(last + 1), "compress by block", "block"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import aecompress.methods as catalogue
 from aecompress.blocks.base import GroupStats
 from aecompress.compress.choices import MethodChoice
-from aecompress.compress.tuning import checked_options, tune
+from aecompress.compress.tuning import checked_options, spread, tune
 from aecompress.core.budget import Budget
 from aecompress.core.errors import AECompressError
 from aecompress.core.groups import WeightGroup, extract_rows
@@ -26,9 +26,9 @@ def closed_form(model, calibration: Calibration, choice: MethodChoice, groups: l
     ``choice`` asks, then fine-tuned if it asks (``damage``: a callable giving the allocator's measure, only
     called for a measured plan). The plan is printed before anything is compressed, and returned (None for uniform)."""
     check_tune(choice)
-    spread = {k: v for k, v in choice.tune.items() if k in ("devices", "num_nodes") and v != 1}
-    if spread:  # Lightning's launcher would run the whole benchmark again in every other process
-        key, value = next(iter(spread.items()))
+    several = spread(choice.tune)
+    if several:  # Lightning's launcher would run the whole benchmark again in every other process
+        key, value = several
         raise AECompressError(f"tune {key} {value}: a benchmark tunes in one process; several processes are for "
                               "`aecompress compress --devices N --strategy ddp`")
     stats: dict[str, GroupStats] = {}

@@ -11,6 +11,7 @@ import json
 import shlex
 from pathlib import Path
 
+from aecompress.compress.block_tuning import BLOCK_TUNE
 from aecompress.compress.choices import MethodChoice
 from aecompress.core.stored import StoredForm
 from aecompress.formats.sources import public_name
@@ -20,7 +21,7 @@ def tune_record(choice: MethodChoice, forms: list[StoredForm]) -> dict | None:
     """The tune as run: its settings and, from the forms' meta, its objective before and after and whether it was kept."""
     if not choice.tune:
         return None
-    blocks = {f.group.members[0].layer: f.meta["block_tune"] for f in forms if "block_tune" in f.meta}
+    blocks = {f.group.members[0].layer: f.meta[BLOCK_TUNE] for f in forms if BLOCK_TUNE in f.meta}
     if blocks:  # block by block: one tune per transformer block
         return {"steps": choice.tune["steps"], "lr": choice.tune.get("lr", 1e-3), "blocks": len(blocks),
                 "blocks_kept": sum(bool(b["kept"]) for b in blocks.values())}

@@ -222,10 +222,10 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
              len(module.logs), steps, before, after, module.teacher.nbytes / 2**20)
     record = {"kept": after <= before, "steps": steps, "lr": lr, "objective_before": before, "objective_after": after}
     if after <= before:
-        return [_recorded(f, record) for f in module.stored()]
+        return [recorded(f, record) for f in module.stored()]
     log.warning("the tune made its objective worse on the calibration windows (%.4g untuned, %.4g after %d steps at "
                 "lr %g); kept the untuned forms: lower the tune's learning rate", before, after, steps, lr)
-    return [_recorded(f, record) for f in forms]
+    return [recorded(f, record) for f in forms]
 
 
 def _objective(trainer: L.Trainer, module: ScaleTuning, every: DataLoader) -> float:
@@ -240,6 +240,12 @@ def _objective(trainer: L.Trainer, module: ScaleTuning, every: DataLoader) -> fl
     return value
 
 
-def _recorded(form: StoredForm, record: dict) -> StoredForm:
-    """The form with the tune's outcome in its meta (only forms whose scales the tune could change)."""
-    return dataclasses.replace(form, meta={**form.meta, "tune": dict(record)}) if tunable(form) else form
+def recorded(form: StoredForm, record: dict, key: str = "tune") -> StoredForm:
+    """The form with a tune's outcome in its meta under ``key`` (only forms whose scales a tune could change)."""
+    return dataclasses.replace(form, meta={**form.meta, key: dict(record)}) if tunable(form) else form
+
+
+def spread(tune: dict) -> tuple[str, int] | None:
+    """The first of ``devices``/``num_nodes`` asking a tune for more than one process, or None: for callers that
+    tune in this process only (a benchmark, block by block)."""
+    return next(((k, tune[k]) for k in ("devices", "num_nodes") if tune.get(k, 1) != 1), None)
