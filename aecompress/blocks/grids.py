@@ -201,9 +201,19 @@ def grid_codes(form: StoredForm) -> GridCodes:
     if "zero_codes" in t:
         zero = unpacked(t["zero_codes"], m * runs, bits).view(m, runs)
     else:
-        zero = zero_codes(scale, t["zero"].view(m, runs), 2**bits - 1)
-        if not torch.equal(-scale.float() * zero.float(), t["zero"].view(m, runs).float()):
-            raise AECompressError(
-                f"group {form.group.name!r} ({form.method}) stores float zero points that are not on its grid "
-                "(zeros: float); integer-code formats hold integer zero points only: pass --options '{zeros: int}'")
+        zero = on_grid_zeros(form, scale, t["zero"].view(m, runs), bits)
     return GridCodes(bits, None if runs == 1 else n // runs, codes, scale, zero)
+
+
+def on_grid_zeros(form: StoredForm, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer zero codes of float zeros that are each exactly ``-scale * k``, ``k`` a ``bits``-bit code.
+
+    Raises:
+        AECompressError: for a zero off the grid, naming the option that stores integer zeros.
+    """
+    found = zero_codes(scale, zero, 2**bits - 1)
+    if not torch.equal(-scale.float() * found.float(), zero.float()):
+        raise AECompressError(
+            f"group {form.group.name!r} ({form.method}) stores float zero points that are not on its grid "
+            "(zeros: float); integer-code formats hold integer zero points only: pass --options '{zeros: int}'")
+    return found

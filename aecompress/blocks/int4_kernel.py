@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from aecompress.core.errors import AECompressError
 from aecompress.core.rowsource import RowSource
 
 FUSED_TOKENS = 16
@@ -38,6 +39,14 @@ KERNELS = ("int4", "float32")
 """``int4``: the fused kernel where the form and the input allow; ``float32``: always the exact decode."""
 _OFFSET = 8
 """The kernel reads each 4-bit code ``q`` as ``q - 8``."""
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else one line naming it and the valid ones."""
+    if kernel not in KERNELS:
+        raise AECompressError(f"kernel {kernel!r} is not one of: {', '.join(KERNELS)}")
+    return kernel
+
 
 
 @functools.cache
@@ -81,10 +90,6 @@ class Int4Matrix:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.rows)
-
-    def nbytes(self) -> int:
-        """Bytes held: the packed codes and the bfloat16 scales and zeros."""
-        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
 
 class FusedRows(RowSource):

@@ -14,11 +14,19 @@ from __future__ import annotations
 import torch
 
 from aecompress.blocks.base import Built, item_size, offsets
-from aecompress.blocks.grids import GridCodes, block_rows, codes_of, dequantized, packed, unpacked, zero_codes
+from aecompress.blocks.grids import (
+    GridCodes,
+    block_rows,
+    codes_of,
+    dequantized,
+    on_grid_zeros,
+    packed,
+    unpacked,
+    zero_codes,
+)
 from aecompress.blocks.int4_kernel import FusedRows
 from aecompress.core.bits import bit_slice, pack_bits, unpack_bits
 from aecompress.core.budget import packed_bytes
-from aecompress.core.errors import AECompressError
 from aecompress.core.stored import StoredForm
 
 
@@ -146,11 +154,7 @@ def grid_codes(form: StoredForm) -> GridCodes:
     if scale.dim() == 1:
         scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
     bits = int(form.meta["bits"]) + 1
-    found = zero_codes(scale, zero, 2**bits - 1)
-    if not torch.equal(-scale.float() * found.float(), zero.float()):
-        raise AECompressError(
-            f"group {form.group.name!r} ({form.method}) stores float zero points that are not on its grid "
-            "(zeros: float); integer-code formats hold integer zero points only: pass --options '{zeros: int}'")
+    found = on_grid_zeros(form, scale, zero, bits)
     runs = scale.shape[1]
     return GridCodes(bits, None if runs == 1 else form.group.width // runs, codes.to(torch.int32), scale,
                      found.to(torch.int32))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aecompress.blocks.int4_kernel import KERNELS
+from aecompress.blocks.int4_kernel import check_kernel
 from aecompress.core.errors import AECompressError
 from aecompress.core.memory import peak_rss, reset_peak, status
 from aecompress.formats.compact import load_compact
@@ -136,8 +136,7 @@ def bench(
         raise AECompressError(f"tokens, repeats and threads must be positive, got {tokens}, {repeats}, {threads}")
     if new_tokens < 0 or (compare and not new_tokens):
         raise AECompressError(f"new_tokens must be 0 or more, and positive with --compare; got {new_tokens}")
-    if kernel not in KERNELS:
-        raise AECompressError(f"kernel {kernel!r} is not one of: {', '.join(KERNELS)}")
+    check_kernel(kernel)
     if new_tokens:
         rows = {name: _child("generation", name, tokens, new_tokens, threads, seed, kernel, threads=threads)
                 for name in [*(compare or []), str(path)]}

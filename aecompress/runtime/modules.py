@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecompress.blocks.int4_kernel import KERNELS
+from aecompress.blocks.int4_kernel import check_kernel
 from aecompress.core.errors import AECompressError
 from aecompress.core.rowsource import RowSource, refer
 from aecompress.core.stored import StoredForm
@@ -182,8 +182,7 @@ def to_runtime(model: nn.Module, forms: Sequence[StoredForm], cache: bool | int 
             module has no run-time form.
     """
     forms = list(forms)
-    if kernel not in KERNELS:
-        raise AECompressError(f"kernel {kernel!r} is not one of: {', '.join(KERNELS)}")
+    check_kernel(kernel)
     decode_cache = make_cache(cache)
     params = dict(model.named_parameters())
     for form in forms:
