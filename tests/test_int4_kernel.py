@@ -135,3 +135,10 @@ def test_an_input_that_wants_a_gradient_and_inference_mode_are_served():
         made = source("quantize", code_bits=4, group_size=32)  # inference tensors keep no version counter
         made.apply(inputs(2))
     assert made._int4[1] is not None
+
+
+def test_runtime_bench_refuses_an_unknown_kernel_in_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "runtime-bench", "--directory", tmp_path, "--kernel", "int8")
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
+    assert len(lines) == 1 and "kernel 'int8' is not one of: int4, float32" in lines[0], err

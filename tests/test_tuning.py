@@ -114,3 +114,13 @@ def test_a_benchmark_tune_on_several_processes_is_refused_in_one_line():
     with pytest.raises(AECompressError, match="tune devices 2: a benchmark tunes in one process"):
         closed_form(None, None, MethodChoice(method="compensated", tune={"steps": 2, "devices": 2}), [],
                     Budget.of_bits(3), None)
+
+
+@pytest.mark.parametrize(("key", "value", "valid"), [("strategy", "fsdp", "auto, ddp"), ("accelerator", "tpu", "auto, cpu"),
+                                                    ("devices", 0, "a positive int"), ("num_nodes", -1, "a positive int")])
+def test_the_tunes_trainer_settings_are_checked_in_one_line(key, value, valid):
+    from aecompress.compress.tuning import checked_options
+    from aecompress.core.errors import AECompressError
+
+    with pytest.raises(AECompressError, match=f"tune {key} {value!r} is not valid; it must be .*{valid}"):
+        checked_options({key: value})

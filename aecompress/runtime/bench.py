@@ -128,6 +128,7 @@ def bench(
         kernel: with ``new_tokens``, how the export's run-time form multiplies each new token: ``int4`` (torch's
             fused kernel for grid codes of up to 4 bits, in bfloat16) or ``float32`` (exact decode).
     """
+    check_kernel(kernel)
     path = Path(directory)
     if not path.is_dir():
         raise AECompressError(f"export directory {directory!r} does not exist")
@@ -136,7 +137,6 @@ def bench(
         raise AECompressError(f"tokens, repeats and threads must be positive, got {tokens}, {repeats}, {threads}")
     if new_tokens < 0 or (compare and not new_tokens):
         raise AECompressError(f"new_tokens must be 0 or more, and positive with --compare; got {new_tokens}")
-    check_kernel(kernel)
     if new_tokens:
         rows = {name: _child("generation", name, tokens, new_tokens, threads, seed, kernel, threads=threads)
                 for name in [*(compare or []), str(path)]}
