@@ -163,6 +163,62 @@ def test_compress_tunes_block_by_block_and_the_card_says_so(models, tmp_path, ca
     assert "Tune, block by block: only the stored scales" in card and "kept in 2 of 2 blocks." in card
 
 
+def test_the_whole_model_tune_follows_the_block_tune_and_the_card_says_both(models, tmp_path, capsys, cache):
+    from conftest import run_cli
+
+    args = ["compress", "--model", models["llama"], "--bits", "3", "--mode", "separated", "--blockwise", "true",
+            "--tune_lr", "0.01", "--calibration", models["text"], "--calibration_window", "32"]
+    code, out, err = run_cli(capsys, *args, "--tune_steps", "5", "--model_tune_steps", "8", "--out_dir", tmp_path / "both")
+    assert code == 0, err
+    assert "; then the whole-model tune, about" in out
+    import json
+
+    groups = json.loads((tmp_path / "both" / "aecompress.json").read_text())["groups"]
+    whole = groups[0]["meta"]["tune"]
+    assert all(g["meta"]["block_tune"]["kept"] and g["meta"]["tune"] == whole for g in groups)
+    assert whole["kept"] and whole["objective_after"] < whole["objective_before"]
+    card = (tmp_path / "both" / "README.md").read_text()
+    assert "kept in 2 of 2 blocks. Then, on the whole model, only the stored scales" in card
+    assert "for 8 steps" in card and f"went from {whole['objective_before']:.4g}" in card
+    code, _, err = run_cli(capsys, *args, "--tune_steps", "5", "--out_dir", tmp_path / "blocks")
+    blocks = json.loads((tmp_path / "blocks" / "aecompress.json").read_text())["groups"]
+    for a, b in zip(blocks, groups):  # the whole-model tune starts from the block tune's scales and changes them
+        assert a["meta"]["block_tune"] == b["meta"]["block_tune"] and "tune" not in a["meta"]
+    from safetensors.torch import load_file
+
+    after, before = (load_file(tmp_path / d / "model.safetensors") for d in ("both", "blocks"))
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "this takes the whole-model path, whose tune is --tune_steps"),
+    (["--blockwise", "false"], "this takes the whole-model path, whose tune is --tune_steps"),
+    (["--max_memory", "100GB"], "this takes the whole-model path, whose tune is --tune_steps"),
+    (["--blockwise", "true", "--devices", "2"], "--devices 2 applies to the whole-model tune: give --devices 1"),
+    (["--blockwise", "true", "--method", "svd"], "method 'svd' has no scales to tune")])
+def test_a_whole_model_tune_that_cannot_follow_the_blocks_is_refused_in_one_line(models, tmp_path, capsys, cache,
+                                                                                  extra, message):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "compress", "--model", models["llama"], "--bits", "3", "--mode", "separated",
+                           "--tune_steps", "0", "--model_tune_steps", "4", "--calibration", models["text"],
+                           "--calibration_window", "32", "--out_dir", tmp_path / "out", *extra)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_refuses_a_whole_model_tune_over_the_ceiling_before_anything_is_read(capsys):
+    from aecompress.compress.memory_plan import Estimate, choose
+
+    whole, blocks, tune = (Estimate(path, {"parts": size}) for path, size in
+                           (("whole model", 9 * 10**9), ("block by block", 2 * 10**9), ("whole model", 5 * 10**9)))
+    with pytest.raises(AECompressError, match=r"--model_tune_steps loads the whole model, about 5.00 GB \(parts 5.00 GB\), "
+                                              r"over --max_memory 4.00 GB; give --model_tune_steps 0"):
+        choose(4 * 10**9, None, whole, blocks, tune)
+    assert choose(6 * 10**9, None, whole, blocks, tune) is True
+    assert "; then the whole-model tune, about 5.00 GB" in capsys.readouterr().out
+
+
 def test_a_tied_head_is_not_stored_block_by_block_either(models, tmp_path, capsys, cache):
     """SmolLM2 ties its head to its embedding; block by block gives the embedding a new tensor, so the reader ties
     the head to it again (this compact export once failed: the files do not hold 'lm_head.weight')."""

@@ -117,10 +117,24 @@ def test_a_benchmark_tune_on_several_processes_is_refused_in_one_line():
 
 
 @pytest.mark.parametrize(("key", "value", "valid"), [("strategy", "fsdp", "auto, ddp"), ("accelerator", "tpu", "auto, cpu"),
-                                                    ("devices", 0, "a positive int"), ("num_nodes", -1, "a positive int")])
+                                                    ("devices", 0, "a positive int"), ("num_nodes", -1, "a positive int"),
+                                                    ("timeout", 0, "a positive integer or null")])
 def test_the_tunes_trainer_settings_are_checked_in_one_line(key, value, valid):
     from aecompress.compress.tuning import checked_options
     from aecompress.core.errors import AECompressError
 
     with pytest.raises(AECompressError, match=f"tune {key} {value!r} is not valid; it must be .*{valid}"):
         checked_options({key: value})
+
+
+def test_a_ddp_tune_waits_as_long_as_it_is_told():
+    """The other processes redo loading, calibration and compression before the tune; rank 0 waits ``timeout``."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from aecompress.compress.tuning import trainer_strategy
+
+    strategy = trainer_strategy("ddp", 7200)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(seconds=7200)
+    assert trainer_strategy("ddp", None) == "ddp" and trainer_strategy("auto", 7200) == "auto"

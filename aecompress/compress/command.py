@@ -27,11 +27,12 @@ from aecompress.compress.tuning import checked_options
 from aecompress.core.budget import Budget, bits_per_weight
 from aecompress.core.errors import AECompressError
 from aecompress.core.files import check_target
-from aecompress.core.memory import peak_rss, reset_peak
+from aecompress.core.memory import give_back, peak_rss, reset_peak
 from aecompress.data.calibration import Calibration
 from aecompress.evaluation import allocation as allocator
 from aecompress.formats.export import check_dtype, export, refuse_own_source
 from aecompress.formats.sidecar import ExportFormat
+from aecompress.formats.sources import load_model
 
 FORMATS = get_args(ExportFormat)
 
@@ -76,6 +77,7 @@ def compress(
     devices: int = 1,
     strategy: str = "auto",
     num_nodes: int = 1,
+    tune_timeout: int | None = None,
     format: str = "decoded",
     dtype: str = "float32",
     overwrite: bool = False,
@@ -84,6 +86,7 @@ def compress(
     max_memory: int | str | None = None,
     blockwise: bool | None = None,
     sequential: bool = False,
+    model_tune_steps: int = 0,
 ) -> Path:
     """Compress every selected weight of a model at a budget in bits per weight, with no training, and export it.
 
@@ -110,6 +113,9 @@ def compress(
             starts the others, each running this command again up to the tune; only rank 0 exports.
         strategy: the tuning's Trainer strategy: ``auto`` or ``ddp`` (Lightning's launcher).
         num_nodes: the tuning's nodes (under SLURM or torchrun, as ``fit``).
+        tune_timeout: seconds the tune's processes wait for one another (DDP's process-group timeout); default
+            Lightning's 30 minutes. The processes the launcher starts redo the loading, calibration and compression
+            while rank 0 waits: raise it where that takes longer.
         format: ``decoded`` (plain transformers loads it), ``compact`` (only what is stored) or
             ``compressed-tensors`` (integer codes in its ``pack-quantized`` layout, which transformers and vLLM
             load; ``quantize`` or ``compensated`` with ``fill: false`` only).
@@ -124,6 +130,9 @@ def compress(
             whatever ``max_memory`` allows, the whole model without it.
         sequential: block by block, feed each block the outputs of the blocks before it already compressed (as
             GPTQ does) rather than the original's.
+        model_tune_steps: block by block, then this many steps of the whole-model tune (``--tune_lr`` and the
+            other ``--tune_*`` settings), starting from the blocks' forms. It loads the whole model, so the plan
+            counts it against ``max_memory``; 0: none. The whole-model path's tune is ``tune_steps``.
     """
     # Every argument that shapes the model, in order: the card's command spells each out, defaults included.
     settings = {k: v for k, v in locals().items() if k not in ("overwrite", "trust_remote_code")}
@@ -136,14 +145,17 @@ def compress(
     tune_settings = checked_options({"steps": steps, "lr": tune_lr, "batch_size": tune_batch_size, "top_k": top_k,
                                      "precision": precision,
                                      "accelerator": accelerator, "devices": devices, "strategy": strategy,
-                                     "num_nodes": num_nodes})  # even unused
+                                     "num_nodes": num_nodes, "timeout": tune_timeout})  # even unused
+    checked_options({"steps": model_tune_steps})
     choice = MethodChoice(method=method, options=settings["options"], allocation=allocation,
                           tune=tune_settings if steps else {})
     check_tune(choice)
+    model_tune = {**tune_settings, "steps": model_tune_steps} if model_tune_steps else {}
+    check_tune(dataclasses.replace(choice, tune=model_tune))
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
     opened = open_model(model, modules or ["all"], mode, choice, target, parse_bytes(max_memory), blockwise,
-                        calibration_tokens, trust_remote_code)
+                        calibration_tokens, trust_remote_code, model_tune, calibration_window)
     net, source, auto_class, groups = opened.model, opened.source, opened.auto_class, opened.groups
     refuse_own_source(source, out_dir)
     from transformers import AutoTokenizer
@@ -161,8 +173,12 @@ def compress(
                                lambda: allocator.damage_on(net, tokenizer, calibration))
     made, before_tune = time.perf_counter(), peak_rss()
     reset_peak()  # the tuning's own high-water mark, on top of the model and statistics already held
-    if opened.files is None:  # block by block tuned each block as it went: the whole model is never held
+    if opened.files is None:
         forms = tuned(net, windows, choice, forms)
+    elif model_tune:  # block by block tuned each block as it went; the plan counted the whole model for this tune
+        forms = tuned(load_model(model, trust_remote_code=trust_remote_code)[0], windows,
+                      dataclasses.replace(choice, tune=model_tune), forms)
+        give_back()
     if rank_zero_only.rank != 0:  # a process Lightning's launcher started for the tune: rank 0 writes
         return Path(out_dir)
     tune_peak, peak = peak_rss(), max(before_tune, peak_rss())
@@ -170,7 +186,7 @@ def compress(
     print(f"{method}: {bits_per_weight(stored, sum(g.rows * g.width for g in groups)):.3f} bits per weight stored "
           f"over {sum(len(g.members) for g in groups)} weights ({stored:,} bytes)", flush=True)
     compressed = time.perf_counter()
-    info = card_info(settings, choice, options is None, windows.windows().numel(), forms)
+    info = card_info(settings, choice, options is None, windows.windows().numel(), forms, model_tune)
     written = export(net, {f.group.name: f for f in forms}, source, auto_class, model, out_dir, format, overwrite,
                      card_info=info, dtype=dtype, files=opened.files)
     print(f"seconds: load and calibration {loaded - started:.1f}, compress {made - loaded:.1f}, "

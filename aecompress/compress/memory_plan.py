@@ -10,6 +10,7 @@ ceiling that cannot be met, in one line, before hours are spent; the command pri
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 FIXED = 700 * 10**6
 """The interpreter, torch, transformers and a tokenizer, resident before any weight (measured about 0.6 GB)."""
 FLOAT32, FLOAT64 = 4, 8
+WHOLE_PATH_TUNE = ("--model_tune_steps follows a block by block compression, and this takes the whole-model path, "
+                   "whose tune is --tune_steps: give --model_tune_steps 0, or --blockwise true")
 
 
 def parse_bytes(value: int | str | None, what: str = "--max_memory") -> int | None:
@@ -87,6 +90,18 @@ def whole(model: nn.Module, groups: list[WeightGroup], measured: bool, target: B
         "stored forms": _stored(groups, target), "fixed": FIXED})
 
 
+def tune_activations(config, window: int, batch: int) -> int:
+    """What a whole-model tune's backward pass holds for one step, roughly: per layer and position about 20 hidden
+    widths, 4 MLP widths and one attention row per head, and the logits three times over (a coarse count, meant to
+    keep a ceiling from being promised that the tune then breaks)."""
+    hidden = getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
+    heads = getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0)
+    per_position = layers * (20 * hidden + 4 * inner + heads * window) + 3 * getattr(config, "vocab_size", 0)
+    return FLOAT32 * batch * window * per_position
+
+
 def _stored(groups: list[WeightGroup], target: Budget) -> int:
     return sum(target.bytes(g.rows, g.width) for g in groups)
 
@@ -114,13 +129,19 @@ def blockwise(model: nn.Module, blocks: nn.ModuleList, per_block: list[list[Weig
         "export (a tensor read, cast and decoded)": 3 * FLOAT32 * widest, "fixed": FIXED})
 
 
-def choose(ceiling: int | None, forced: bool | None, whole_model: Estimate, by_block: Estimate | None) -> bool:
-    """Whether to go block by block; prints which path and why, or one line naming what does not fit."""
+def choose(ceiling: int | None, forced: bool | None, whole_model: Estimate, by_block: Estimate | None,
+           model_tune: Estimate | None = None) -> bool:
+    """Whether to go block by block; prints which path and why, or one line naming what does not fit.
+
+    ``model_tune``: what the whole-model tune after block by block holds (``--model_tune_steps``), or None.
+    """
     if forced is False or (forced is None and (ceiling is None or whole_model.total <= ceiling)):
         if ceiling is not None and whole_model.total > ceiling:
             raise AECompressError(f"--max_memory {gigabytes(ceiling)} is below the whole model's "
                                   f"{whole_model.describe()}; drop --blockwise false to go block by block")
         why = "" if ceiling is None else f": {whole_model.describe()}, within --max_memory {gigabytes(ceiling)}"
+        if model_tune is not None:
+            raise AECompressError(WHOLE_PATH_TUNE)
         print(f"compress path: whole model{why}", flush=True)
         return False
     if by_block is None:
@@ -130,9 +151,13 @@ def choose(ceiling: int | None, forced: bool | None, whole_model: Estimate, by_b
         raise AECompressError(f"--max_memory {gigabytes(ceiling)} is too small even block by block, which needs "
                               f"{by_block.describe()}; give at least {gigabytes(by_block.total)}, or fewer "
                               "--calibration_tokens")
+    if model_tune is not None and ceiling is not None and model_tune.total > ceiling:
+        raise AECompressError(f"--model_tune_steps loads the whole model, {model_tune.describe()}, over --max_memory "
+                              f"{gigabytes(ceiling)}; give --model_tune_steps 0 (--tune_steps still tunes each block)")
     why = "--blockwise true" if forced else f"the whole model needs {whole_model.describe()}, over --max_memory " \
                                            f"{gigabytes(ceiling or 0)}"
-    print(f"compress path: block by block, {by_block.describe()} ({why})", flush=True)
+    then = "" if model_tune is None else f"; then the whole-model tune, {model_tune.describe()}"
+    print(f"compress path: block by block, {by_block.describe()} ({why}){then}", flush=True)
     return True
 
 
@@ -148,13 +173,18 @@ class Opened:
 
 
 def open_model(name: str, modules: list[str], mode: str, choice: MethodChoice, target: Budget, ceiling: int | None,
-               forced: bool | None, tokens: int, trust_remote_code: bool = False) -> Opened:
+               forced: bool | None, tokens: int, trust_remote_code: bool = False, model_tune: dict | None = None,
+               window: int = 512) -> Opened:
     """Open the model for the path that fits ``ceiling`` (or the one ``forced``), selecting its groups.
 
     The skeleton is read first (no weights) whenever there is a ceiling or block by block is asked for, so a
-    ceiling that cannot be met is refused before any weight is read.
+    ceiling that cannot be met is refused before any weight is read. ``model_tune``: the settings of a whole-model
+    tune after block by block (``--model_tune_steps``), counted against the ceiling; refused on the whole-model path.
+    ``window``: the calibration window, whose length a tune's activations grow with.
     """
     lazy = open_lazy(name, trust_remote_code=trust_remote_code) if ceiling is not None or forced else None
+    if lazy is None and model_tune:
+        raise AECompressError(WHOLE_PATH_TUNE)
     if lazy is None:
         if forced:
             raise AECompressError(f"--blockwise true reads the model from a local safetensors checkpoint; {name!r} is "
@@ -162,21 +192,29 @@ def open_model(name: str, modules: list[str], mode: str, choice: MethodChoice, t
         net, source, auto_class = load_model(name, trust_remote_code=trust_remote_code)
         groups = select_groups(net, modules, mode)
         if ceiling is not None:  # not forced: over the ceiling, the line says block by block needs safetensors
-            choose(ceiling, forced, whole(net, groups, _measured(choice), target), None)
+            choose(ceiling, forced, _tuned(whole(net, groups, _measured(choice), target), net, choice.tune, window), None)
         return Opened(net, source, auto_class, groups)
     skeleton, files, source, auto_class = lazy
     groups = select_groups(skeleton, modules, mode)
-    whole_model = whole(skeleton, groups, _measured(choice), target)
+    whole_model = _tuned(whole(skeleton, groups, _measured(choice), target), skeleton, choice.tune, window)
+    tune_estimate = _tuned(whole(skeleton, groups, False, target), skeleton, model_tune, window) if model_tune else None
     if forced is False or (forced is None and ceiling is not None and whole_model.total <= ceiling):
-        choose(ceiling, forced, whole_model, None)
+        choose(ceiling, forced, whole_model, None, tune_estimate)
         return Opened(load_model(name, trust_remote_code=trust_remote_code)[0], source, auto_class, groups)
-    check_blockwise(choice)
+    check_blockwise(dataclasses.replace(choice, tune=choice.tune or model_tune or {}))
     reader = BlockReader(skeleton, files)
     width = getattr(skeleton.config, "hidden_size", None) or getattr(skeleton.config, "n_embd", 0)
     by_block = blockwise(skeleton, reader.blocks, block_groups(reader, groups), _measured(choice), target, tokens * width,
                          bool(choice.tune))
-    choose(ceiling, forced, whole_model, by_block)
+    choose(ceiling, forced, whole_model, by_block, tune_estimate)
     return Opened(skeleton, source, auto_class, groups, files)
+
+
+def _tuned(estimate: Estimate, skeleton: nn.Module, tune: dict | None, window: int) -> Estimate:
+    """The estimate with a whole-model tune's activations added, if there is a tune."""
+    if tune and tune.get("steps"):
+        estimate.parts["the tune's activations"] = tune_activations(skeleton.config, window, tune.get("batch_size", 1))
+    return estimate
 
 
 def _measured(choice: MethodChoice) -> bool:

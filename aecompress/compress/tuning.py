@@ -17,9 +17,11 @@ import dataclasses
 import logging
 import math
 import warnings
+from datetime import timedelta
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -140,7 +142,7 @@ def folded(form: StoredForm, log_factor: torch.Tensor, steps: int) -> StoredForm
 
 
 OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precision": str, "accelerator": str,
-           "devices": int, "strategy": str, "num_nodes": int}
+           "devices": int, "strategy": str, "num_nodes": int, "timeout": int}
 """What a tuning may be given, and of which type (a benchmark method's ``tune``, ``compress``'s ``--tune_*``)."""
 
 
@@ -155,7 +157,7 @@ def _valid(key: str, value) -> bool:
     kind = OPTIONS[key]
     if key in CHOICES:
         return value in CHOICES[key]
-    if key == "top_k" and value is None:
+    if key in ("top_k", "timeout") and value is None:
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
         return False
@@ -170,7 +172,7 @@ def checked_options(options: dict) -> dict:
         if not _valid(key, value):
             wanted = ("one of " + ", ".join(CHOICES[key]) if key in CHOICES
                       else "an integer, 0 or more" if key == "steps"
-                      else "a positive integer or null" if key == "top_k"
+                      else "a positive integer or null" if key in ("top_k", "timeout")
                       else f"a positive {OPTIONS[key].__name__}")
             raise AECompressError(f"tune {key} {value!r} is not valid; it must be {wanted}")
     return dict(options)
@@ -178,14 +180,16 @@ def checked_options(options: dict) -> dict:
 
 def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps: int, lr: float = 1e-3,
          top_k: int | None = 64, batch_size: int = 1, precision: str = "32-true", seed: int = 0,
-         accelerator: str = "auto", devices: int = 1, strategy: str = "auto", num_nodes: int = 1) -> list[StoredForm]:
+         accelerator: str = "auto", devices: int = 1, strategy: str = "auto", num_nodes: int = 1,
+         timeout: int | None = None) -> list[StoredForm]:
     """The forms with their scales fine-tuned for ``steps`` steps on calibration ``windows`` against ``model``.
 
     ``accelerator``, ``devices``, ``strategy`` and ``num_nodes`` go to Lightning's Trainer as ``fit``'s do: with
     ``strategy: ddp`` Lightning's own launcher starts the other processes (each runs the command again up to
     here), every rank holds the model and tunes on its share of the windows (``batch_size`` per rank), the
     factors' gradients are averaged, and the objective is reduced over every window. Every rank returns the
-    same forms; the caller writes them from rank 0 only.
+    same forms; the caller writes them from rank 0 only. ``timeout`` (seconds) is how long the processes wait for
+    one another (DDP's process-group timeout; None: Lightning's 30 minutes).
 
     The tune's objective is measured on every window before and after: a tune that made it worse (too
     high a learning rate) returns the untuned forms, with a warning, so nothing exported is worse than
@@ -201,7 +205,8 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
                         generator=torch.Generator().manual_seed(seed))
     every = DataLoader(windows, batch_size=batch_size)
     # max_epochs=-1: the steps decide (under DDP each rank's epoch is shorter).
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices,
+                        strategy=trainer_strategy(strategy, timeout),
                         num_nodes=num_nodes, precision=precision, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         enable_progress_bar=False, callbacks=[ProgressLines("tune", "tune/loss")],  # a log shows it too
@@ -226,6 +231,13 @@ def tune(model: nn.Module, forms: list[StoredForm], windows: torch.Tensor, steps
     log.warning("the tune made its objective worse on the calibration windows (%.4g untuned, %.4g after %d steps at "
                 "lr %g); kept the untuned forms: lower the tune's learning rate", before, after, steps, lr)
     return [recorded(f, record) for f in forms]
+
+
+def trainer_strategy(strategy: str, timeout: int | None) -> str | DDPStrategy:
+    """Lightning's strategy by name, or DDP with a process-group timeout: the processes Lightning's launcher starts
+    redo the loading, calibration and compression before the tune while rank 0 waits, which can outlast the default
+    30 minutes on a big model."""
+    return DDPStrategy(timeout=timedelta(seconds=timeout)) if strategy == "ddp" and timeout else strategy
 
 
 def _objective(trainer: L.Trainer, module: ScaleTuning, every: DataLoader) -> float:

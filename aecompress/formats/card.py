@@ -76,14 +76,20 @@ def _tune_line(tune: dict | None) -> str:
                 f"transformer block were fine-tuned for {tune['steps']} steps (Adam, lr {tune['lr']:g}) so that the "
                 "block's outputs match the original block's on the calibration text: no labels, no task data. "
                 f"The tune was kept in {tune['blocks_kept']} of {tune['blocks']} blocks"
-                + (" (in the others it lowered nothing)." if tune["blocks_kept"] < tune["blocks"] else "."))
+                + (" (in the others it lowered nothing)." if tune["blocks_kept"] < tune["blocks"] else ".")
+                + (" Then, on the whole model, " + _whole_tune(tune["model"]) if tune.get("model") else ""))
+    return "- Tune: " + _whole_tune(tune)
+
+
+def _whole_tune(tune: dict) -> str:
+    """The whole-model tune: what it matched, how long, and whether it was kept."""
     top = "all" if tune.get("top_k") is None else f"top-{tune['top_k']}"
     outcome = ""
     if "objective_before" in tune:
         outcome = (f" Its objective on the calibration windows went from {tune['objective_before']:.4g} to "
                    f"{tune['objective_after']:.4g}; " + ("the tuned scales were kept." if tune.get("kept") else
                                                          "that is worse, so the untuned scales were kept."))
-    return (f"- Tune: only the stored scales (the codes kept as they are, the same bytes) were fine-tuned for "
+    return (f"only the stored scales (the codes kept as they are, the same bytes) were fine-tuned for "
             f"{tune['steps']} steps (Adam, lr {tune['lr']:g}, precision {tune.get('precision', '32-true')}) so that "
             f"this model's outputs match the original model's ({top} next-token probabilities for a language model, "
             "hidden states for an encoder) on the calibration text: no labels, no task data." + outcome)
