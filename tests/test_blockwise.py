@@ -168,7 +168,8 @@ def test_the_whole_model_tune_follows_the_block_tune_and_the_card_says_both(mode
 
     args = ["compress", "--model", models["llama"], "--bits", "3", "--mode", "separated", "--blockwise", "true",
             "--tune_lr", "0.01", "--calibration", models["text"], "--calibration_window", "32"]
-    code, out, err = run_cli(capsys, *args, "--tune_steps", "5", "--model_tune_steps", "8", "--out_dir", tmp_path / "both")
+    code, out, err = run_cli(capsys, *args, "--tune_steps", "5", "--model_tune_steps", "8", "--model_tune_lr", "0.02",
+                             "--out_dir", tmp_path / "both")
     assert code == 0, err
     assert "; then the whole-model tune, about" in out
     import json
@@ -176,10 +177,11 @@ def test_the_whole_model_tune_follows_the_block_tune_and_the_card_says_both(mode
     groups = json.loads((tmp_path / "both" / "aecompress.json").read_text())["groups"]
     whole = groups[0]["meta"]["tune"]
     assert all(g["meta"]["block_tune"]["kept"] and g["meta"]["tune"] == whole for g in groups)
-    assert whole["kept"] and whole["objective_after"] < whole["objective_before"]
+    assert whole["kept"] and whole["objective_after"] < whole["objective_before"] and whole["lr"] == 0.02
     card = (tmp_path / "both" / "README.md").read_text()
     assert "kept in 2 of 2 blocks. Then, on the whole model, only the stored scales" in card
-    assert "for 8 steps" in card and f"went from {whole['objective_before']:.4g}" in card
+    assert "for 5 steps (Adam, lr 0.01)" in card and "for 8 steps (Adam, lr 0.02" in card
+    assert f"went from {whole['objective_before']:.4g}" in card
     code, _, err = run_cli(capsys, *args, "--tune_steps", "5", "--out_dir", tmp_path / "blocks")
     blocks = json.loads((tmp_path / "blocks" / "aecompress.json").read_text())["groups"]
     for a, b in zip(blocks, groups):  # the whole-model tune starts from the block tune's scales and changes them
@@ -195,7 +197,8 @@ def test_the_whole_model_tune_follows_the_block_tune_and_the_card_says_both(mode
     (["--blockwise", "false"], "this takes the whole-model path, whose tune is --tune_steps"),
     (["--max_memory", "100GB"], "this takes the whole-model path, whose tune is --tune_steps"),
     (["--blockwise", "true", "--devices", "2"], "--devices 2 applies to the whole-model tune: give --devices 1"),
-    (["--blockwise", "true", "--method", "svd"], "method 'svd' has no scales to tune")])
+    (["--blockwise", "true", "--method", "svd"], "method 'svd' has no scales to tune"),
+    (["--blockwise", "true", "--model_tune_lr", "0"], "tune lr 0.0 is not valid; it must be a positive float")])
 def test_a_whole_model_tune_that_cannot_follow_the_blocks_is_refused_in_one_line(models, tmp_path, capsys, cache,
                                                                                   extra, message):
     from conftest import run_cli

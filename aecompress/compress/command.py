@@ -87,6 +87,7 @@ def compress(
     blockwise: bool | None = None,
     sequential: bool = False,
     model_tune_steps: int = 0,
+    model_tune_lr: float | None = None,
 ) -> Path:
     """Compress every selected weight of a model at a budget in bits per weight, with no training, and export it.
 
@@ -130,9 +131,10 @@ def compress(
             whatever ``max_memory`` allows, the whole model without it.
         sequential: block by block, feed each block the outputs of the blocks before it already compressed (as
             GPTQ does) rather than the original's.
-        model_tune_steps: block by block, then this many steps of the whole-model tune (``--tune_lr`` and the
-            other ``--tune_*`` settings), starting from the blocks' forms. It loads the whole model, so the plan
+        model_tune_steps: block by block, then this many steps of the whole-model tune (the ``--tune_*``
+            settings, ``model_tune_lr`` its rate), starting from the blocks' forms. It loads the whole model, so the plan
             counts it against ``max_memory``; 0: none. The whole-model path's tune is ``tune_steps``.
+        model_tune_lr: that tune's learning rate; default ``tune_lr`` (the block tune's).
     """
     # Every argument that shapes the model, in order: the card's command spells each out, defaults included.
     settings = {k: v for k, v in locals().items() if k not in ("overwrite", "trust_remote_code")}
@@ -146,11 +148,12 @@ def compress(
                                      "precision": precision,
                                      "accelerator": accelerator, "devices": devices, "strategy": strategy,
                                      "num_nodes": num_nodes, "timeout": tune_timeout})  # even unused
-    checked_options({"steps": model_tune_steps})
     choice = MethodChoice(method=method, options=settings["options"], allocation=allocation,
                           tune=tune_settings if steps else {})
     check_tune(choice)
-    model_tune = {**tune_settings, "steps": model_tune_steps} if model_tune_steps else {}
+    model_tune = checked_options({**tune_settings, "steps": model_tune_steps,  # even unused
+                                  "lr": tune_lr if model_tune_lr is None else model_tune_lr})
+    model_tune = model_tune if model_tune_steps else {}
     check_tune(dataclasses.replace(choice, tune=model_tune))
     check_target(Path(out_dir), overwrite)
     started = time.perf_counter()
