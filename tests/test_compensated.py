@@ -161,3 +161,23 @@ def test_an_automatic_group_size_takes_the_first_that_divides_the_width():
     assert form.meta["group_size"] == 128  # 96 does not divide 128
     with pytest.raises(AECompressError, match="group_size 'big' must divide group 'g'"):
         compress("compensated", group, w, Budget.of_ratio(8.0), stats, group_size="big")
+
+
+@pytest.mark.parametrize("order", ["natural", "activation"])
+@pytest.mark.parametrize("group_size", [32, 96, 384])
+def test_carrying_errors_a_batch_of_columns_at_a_time_gives_the_column_by_column_codes(monkeypatch, order, group_size):
+    """GPTQ's lazy batch update is the same sums in another order: the same codes, scales and zeros (a batch that
+    missed the later columns, or a group split across batches, changes them)."""
+    from aecompress.methods import compensated
+
+    torch.manual_seed(1)
+    w = torch.randn(48, 384)
+    x = torch.randn(1024, 384) * torch.rand(384) * 3
+    h = (x.T @ x / len(x)).double()
+    levels = torch.full((48,), 7.0)
+    forms = {}
+    for batch in (10**9, 128):  # 10**9: one batch, every error carried column by column
+        monkeypatch.setattr(compensated, "BATCH", batch)
+        forms[batch] = compensated._member(w, h, levels, group_size, torch.float16, 0.01, order, "mse", "int")
+    for one, batched in zip(forms[10**9], forms[128]):
+        assert torch.equal(one, batched)
