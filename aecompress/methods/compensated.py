@@ -81,14 +81,15 @@ def _member(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, g: int, stor
     sums in another order. Carried column by column into every later column, a 4096 x 11008 matrix streamed about
     2 TB of float64 through memory; batched, the work is matrix products.
     """
-    original = w.double()
     rows, cols = w.shape
     perm = torch.argsort(torch.diagonal(h), descending=True) if order == "activation" else torch.arange(cols)
-    factor = feedback.inverse_factor(h[perm][:, perm], damp)
-    w = original[:, perm]  # a copy: the updates below never touch the original columns
-    codes = torch.zeros(rows, cols, dtype=torch.int32)
-    grids = [kbit.fitted(original[:, s : s + g].float(), levels, store, kind, zeros) for s in range(0, cols, g)] \
+    factor = feedback.inverse_factor(h[perm][:, perm] if order == "activation" else h, damp)  # it copies h itself
+    grids = [kbit.fitted(w[:, s : s + g].float(), levels, store, kind, zeros) for s in range(0, cols, g)] \
         if order == "activation" else [None] * (cols // g)
+    w = w.to(torch.float64, copy=True)  # one copy: the updates below never touch the caller's rows
+    if order == "activation":
+        w = w[:, perm]
+    codes = torch.zeros(rows, cols, dtype=torch.int32)
     step = _batch_columns(g, cols)
     for start in range(0, cols, step):
         end = min(start + step, cols)
