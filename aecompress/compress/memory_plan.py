@@ -77,6 +77,12 @@ def _covariances(groups: list[WeightGroup]) -> int:
     return sum(2 * FLOAT64 * g.width**2 * len(g.members) for g in groups)
 
 
+def _working(groups: list[WeightGroup]) -> int:
+    """An error-feedback method's copies while it codes its largest matrix: the inverse factor of H and the step
+    before it (two float64 width x width matrices), the float64 rows it updates and one update's product."""
+    return max((FLOAT64 * (2 * g.width**2 + 2 * (g.rows // len(g.members)) * g.width) for g in groups), default=0)
+
+
 def _numbers(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -87,6 +93,7 @@ def whole(model: nn.Module, groups: list[WeightGroup], measured: bool, target: B
     return Estimate("whole model", {
         "float32 model": FLOAT32 * _numbers(model), "rows of the compressed weights": rows,
         "their statistics": _covariances(groups) if measured else 0, "decoded rows at export": rows,
+        "the method's working copies": _working(groups) if measured else 0,
         "stored forms": _stored(groups, target), "fixed": FIXED})
 
 
@@ -124,6 +131,7 @@ def blockwise(model: nn.Module, blocks: nn.ModuleList, per_block: list[list[Weig
     return Estimate("block by block", {
         "body outside the blocks": FLOAT32 * body, "largest block and its rows": 2 * FLOAT32 * largest,
         "its statistics": stats, "activations between blocks": FLOAT32 * activations if measured or tuned else 0,
+        "the method's working copies": _working([g for mine in per_block for g in mine]) if measured else 0,
         "the original block's outputs and the block tune": FLOAT32 * (activations + 3 * largest) if tuned else 0,
         "stored forms": _stored([g for mine in per_block for g in mine], target),
         "export (a tensor read, cast and decoded)": 3 * FLOAT32 * widest, "fixed": FIXED})
