@@ -48,7 +48,6 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-
 @functools.cache
 def available() -> bool:
     """Whether this torch build runs the kernel (tried once on a tiny matrix)."""

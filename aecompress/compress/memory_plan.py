@@ -147,9 +147,9 @@ def choose(ceiling: int | None, forced: bool | None, whole_model: Estimate, by_b
         if ceiling is not None and whole_model.total > ceiling:
             raise AECompressError(f"--max_memory {gigabytes(ceiling)} is below the whole model's "
                                   f"{whole_model.describe()}; drop --blockwise false to go block by block")
-        why = "" if ceiling is None else f": {whole_model.describe()}, within --max_memory {gigabytes(ceiling)}"
         if model_tune is not None:
             raise AECompressError(WHOLE_PATH_TUNE)
+        why = "" if ceiling is None else f": {whole_model.describe()}, within --max_memory {gigabytes(ceiling)}"
         print(f"compress path: whole model{why}", flush=True)
         return False
     if by_block is None:

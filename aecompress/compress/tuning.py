@@ -146,6 +146,10 @@ OPTIONS = {"steps": int, "lr": float, "top_k": int, "batch_size": int, "precisio
 """What a tuning may be given, and of which type (a benchmark method's ``tune``, ``compress``'s ``--tune_*``)."""
 
 
+NULLABLE = ("top_k", "timeout")
+"""Options that may be null: all next-token targets kept, Lightning's own process-group timeout."""
+
+
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 CHOICES = {"precision": PRECISIONS, "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"), "strategy": ("auto", "ddp")}
 """The values a tuning's Trainer settings may take (Lightning's own names). Not ``fsdp``: the tune calls the model
@@ -157,7 +161,7 @@ def _valid(key: str, value) -> bool:
     kind = OPTIONS[key]
     if key in CHOICES:
         return value in CHOICES[key]
-    if key in ("top_k", "timeout") and value is None:
+    if key in NULLABLE and value is None:
         return True
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
         return False
@@ -172,7 +176,7 @@ def checked_options(options: dict) -> dict:
         if not _valid(key, value):
             wanted = ("one of " + ", ".join(CHOICES[key]) if key in CHOICES
                       else "an integer, 0 or more" if key == "steps"
-                      else "a positive integer or null" if key in ("top_k", "timeout")
+                      else "a positive integer or null" if key in NULLABLE
                       else f"a positive {OPTIONS[key].__name__}")
             raise AECompressError(f"tune {key} {value!r} is not valid; it must be {wanted}")
     return dict(options)
