@@ -68,9 +68,19 @@ def test_error_feedback_and_hessian_weighting_each_lower_the_layer_output_error(
     assert errors["full"] < errors["no_feedback"] and errors["full"] < errors["no_hessian"]
 
 
+@pytest.mark.parametrize("bits", [3.0, 2.5])
+def test_coordinate_descent_sweeps_lower_the_layer_output_error_within_the_same_budget(bits):
+    group, w, stats, h = _case(seed=3)
+    plain = compress("entropy", group, w, Budget.of_bits(bits), stats, sweeps=0)
+    swept = compress("entropy", group, w, Budget.of_bits(bits), stats, sweeps=2)
+    assert swept.bytes <= swept.meta["budget_bytes"] and swept.meta["sweeps"] == 2
+    assert _output_error(group, w, decode(swept), h) < 0.97 * _output_error(group, w, decode(plain), h)
+
+
 @pytest.mark.parametrize("opts, message", [({"allocation": "even"}, "allocation 'even' is not one of: relative"),
                                            ({"damp": -1}, "damp -1 is not a ridge"),
                                            ({"rate": -0.5}, "rate -0.5 is not a weight"),
+                                           ({"sweeps": 1.5}, "sweeps 1.5 is not a number of passes"),
                                            ({"dtype": "int8"}, "unknown dtype 'int8'")])
 def test_bad_options_are_one_clear_line(opts, message):
     group, w, stats, _ = _case()

@@ -27,12 +27,19 @@ def member_covariances(stats: GroupStats, group: WeightGroup, method: str) -> li
     return list(stats.covariances)
 
 
-def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``: row ``j`` spreads column ``j``'s error onward."""
+def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """A float64 copy of ``H + damp·mean(diag H)·I``, dead inputs given a unit diagonal: the second moment rounding
+    is measured under (the same ridge the feedback factor is made from)."""
     h = h.double().clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     torch.diagonal(h).add_(damp * torch.diagonal(h).mean())  # in place: no identity matrix beside it
+    return h
+
+
+def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``: row ``j`` spreads column ``j``'s error onward."""
+    h = damped(h, damp)
     # Two width x width float64 matrices at a time, not four (0.97 GB each for an 11008-wide input).
     lower = torch.linalg.cholesky(h)
     del h

@@ -21,6 +21,10 @@ step with entropy coding is within a quarter bit of the best any scalar code can
   (``rate: 1``; 0.9225 against 0.918 at 3 bits, 0.8535 against 0.8307 at 2.5).
 - **Error feedback:** columns are rounded in order, each one's error carried into the columns not
   yet rounded through ``U`` (as ``compensated`` does), in blocks of columns for speed.
+- **Coordinate descent:** then ``sweeps`` passes (2) move single codes where the layer's output
+  error plus rate falls (:mod:`aecompress.blocks.descent`), under a ridge of 0.1 (``damp``) that
+  keeps both from fitting the calibration text's own inputs (MiniLM validation at 3 bits per
+  weight: 0.9263 at the old 0.01 without sweeps, 0.9349 at 0.1, 0.9377 with two sweeps as well).
 - **Rate control:** one step multiplier per group, chosen so the written bitstream, the table and
   the float16 steps and row factors fit the budget (the coder's words are counted, then the
   multiplier corrected).
@@ -38,6 +42,7 @@ from torch import nn
 
 from aecompress.blocks import entropy
 from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta, needs_stats, offsets
+from aecompress.blocks.descent import descended
 from aecompress.blocks.feedback import check_damp, inverse_factor, member_covariances
 from aecompress.core.budget import Budget, infeasible_bytes, stored_bytes
 from aecompress.core.dtypes import FloatDtype
@@ -133,6 +138,13 @@ def _code_costs(codes: list[torch.Tensor], rate: float) -> tuple[torch.Tensor, i
     return (-p.log2() * rate * RATE_WEIGHT).float(), low
 
 
+def _tensors(members, covariances, codes, steps, store: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the form stores for these codes: the coder's words and table, the steps, and each row's factor."""
+    scales = [_row_scales(w, h, c.float() * s.float()) for (w, _, _), h, c, s in zip(members, covariances, codes, steps)]
+    return {**_written(codes), "steps": torch.stack(steps), "scale": torch.cat(scales).unsqueeze(1).to(store),
+            "rows": torch.tensor([w.shape[0] for w, _, _ in members], dtype=torch.int32)}
+
+
 def _multiplier(members, target_bits: float) -> float:
     """The step multiplier whose plainly rounded codes' entropy meets ``target_bits`` (a start for the coder)."""
     lo, hi = -30.0, 30.0
@@ -152,9 +164,10 @@ def compress(
     hessian: bool = False,
     feedback: bool = True,
     allocation: str = "absolute",
-    damp: float = 0.01,
+    damp: float = 0.1,
     block: int = 128,
     rate: float = 1.0,
+    sweeps: int = 2,
     dtype: FloatDtype = "float16",
 ) -> StoredForm:
     """Entropy-coded integer codes on Hessian-weighted column steps, rounded with error feedback.
@@ -165,10 +178,13 @@ def compress(
         feedback: carry each column's rounding error onward (False: round every weight on its own).
         allocation: ``absolute`` (default) gives every member the same absolute error on its outputs;
             ``relative`` scales each member's steps by the size of its outputs (equal relative error per layer).
-        damp: ridge added to the input second moment, relative to its mean diagonal.
+        damp: ridge added to the input second moment, relative to its mean diagonal (0.1: the calibration inputs are
+            fitted less closely; 0.01 scored 0.9263 against 0.9349 on MiniLM validation at 3 bits per weight).
         block: columns per block of error feedback (speed only; the codes are the same).
         rate: weight of each code's length (bits under the previous try's table) against its squared error,
             in units of the high-rate slope (default 1); 0: nearest codes.
+        sweeps: passes of coordinate descent on the codes after feedback (:mod:`aecompress.blocks.descent`), each
+            weight moved one code where that lowers its layer's output error plus the code's length; 0: none.
         dtype: the stored dtype of the column steps and row scales.
     """
     if allocation not in ("relative", "absolute"):
@@ -176,6 +192,8 @@ def compress(
     check_damp(damp, "entropy")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
         raise AECompressError(f"entropy rate {rate!r} is not a weight; it must be 0 or more (0: nearest codes)")
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise AECompressError(f"entropy sweeps {sweeps!r} is not a number of passes; it must be a whole number, 0 or more")
     store = float_dtype(dtype, group, "entropy")
     stats = needs_stats(stats, "covariance", group, "entropy")
     m, n = group.rows, group.width
@@ -194,23 +212,29 @@ def compress(
     multiplier = _multiplier(members, aim)
     best, cost, low = None, None, 0
     info = torch.finfo(store)
-    for attempt in range(ATTEMPTS):
+    descend = False  # the descent runs once the steps fit: the tries before only find the step multiplier
+    for attempt in range(ATTEMPTS + (1 if sweeps else 0)):
         steps = [(s * multiplier).clamp(info.tiny, info.max).to(store) for _, s, _ in members]  # its normal range
         if rate and cost is None:
             cost, low = _code_costs([torch.round(w / s.float()) for (w, _, _), s in zip(members, steps)], rate)
         codes = [_rounded(w, s.float(), f, feedback, block, cost, low) for (w, _, f), s in zip(members, steps)]
+        if descend:
+            codes = [descended(w, c, s, h, damp, torch.diagonal(f).pow(-2), sweeps, cost, low)
+                     for (w, _, f), c, s, h in zip(members, codes, steps, covariances)]
         if rate:
             cost, low = _code_costs(codes, rate)
-        scales = [_row_scales(w, h, c.float() * s.float()) for (w, _, _), h, c, s in
-                  zip(members, covariances, codes, steps)]
-        tensors = {**_written(codes), "steps": torch.stack(steps), "scale": torch.cat(scales).unsqueeze(1).to(store),
-                   "rows": torch.tensor([w.shape[0] for w, _, _ in members], dtype=torch.int32)}
+        tensors = _tensors(members, covariances, codes, steps, store)
         size = stored_bytes(tensors)
         log.info("entropy on %s, try %d: %d bytes (budget %d)", group.name, attempt + 1, size, budget)
-        if size <= budget:
+        close = budget * (1 - CLOSE_ENOUGH) <= size <= budget
+        if size <= budget and (descend or not sweeps):
             best = tensors
-            if size >= budget * (1 - CLOSE_ENOUGH):
-                break
+        elif size <= budget:
+            descend = True
+            if close:  # the same steps again, now descended
+                continue
+        if close and best is tensors:
+            break
         # Bits per weight fall by about one for each doubling of the steps: aim just under the budget.
         multiplier *= 2.0 ** (8 * (size - budget) / numbers + MARGIN_BITS)
     if best is None:
@@ -218,7 +242,8 @@ def compress(
     # What the coder saved: its words per weight against the fixed width the same codes would need.
     spread = max(2, best["counts"].numel() - 1)
     return StoredForm("entropy", group, best, meta(target, budget, hessian=hessian, feedback=feedback,
-                                                      allocation=allocation, damp=damp, rate=rate, dtype=dtype,
+                                                      allocation=allocation, damp=damp, rate=rate, sweeps=sweeps,
+                                                      dtype=dtype,
                                                       coded_bits=round(32 * best["words"].numel() / numbers, 4),
                                                       fixed_width_bits=math.ceil(math.log2(spread))))
 
