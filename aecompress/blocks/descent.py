@@ -17,11 +17,10 @@ held-out inputs.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from aecompress.blocks.feedback import damped
+from aecompress.blocks.threads import one_thread
 
 
 def descended(w: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, h: torch.Tensor, damp: float,
@@ -54,7 +53,7 @@ def descended(w: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, h: torc
     for _ in range(sweeps):
         for start in range(0, width, block):
             end = min(start + block, width)
-            with _one_thread():
+            with one_thread():  # its column steps are tiny: see aecompress.blocks.threads
                 changes = _block_sweep(codes, grad, steps, hf, precision, rate, low, start, end)
             # The block's moves reach every other column's gradient in one product (GPTQ's lazy batch update).
             if start:
@@ -62,18 +61,6 @@ def descended(w: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, h: torc
             if end < width:
                 grad[:, end:].addmm_(changes, hf[start:end, end:])
     return codes
-
-
-@contextmanager
-def _one_thread():
-    """Torch on one thread for a while: the per-column steps are tiny tensors, where waking a second thread costs more
-    than it saves (0.11 against 6 ms a column on 2 busy cores); the block products keep every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _block_sweep(codes, grad, steps, hf, precision, rate, low: int, start: int, end: int) -> torch.Tensor:

@@ -41,6 +41,28 @@ def table(symbols: torch.Tensor, size: int) -> torch.Tensor:
 
 def estimated_bits(symbols: torch.Tensor) -> float:
     """The empirical entropy of ``symbols`` in bits, summed: a guide for choosing a step, never a stored size."""
-    counts = torch.unique(symbols, return_counts=True)[1].double()
+    counts = _counts(symbols.reshape(-1)).double()
     p = counts / counts.sum()
     return float(-(counts * p.log2()).sum())
+
+
+def _counts(symbols: torch.Tensor) -> torch.Tensor:
+    """How often each distinct value occurs, in increasing order of value (zero counts left out).
+
+    Whole numbers over a span narrower than their number are counted in one pass (``bincount``) rather than
+    sorted: ``entropy``'s step search counts 26 million codes 40 times on SmolLM2's MLP weights, where sorting
+    took 2.2 s a time against 0.5 s. Anything else (fractions, a wider span) is sorted.
+    """
+    if symbols.numel() and _whole(symbols):
+        low, high = symbols.min(), symbols.max()
+        if float(high) - float(low) < symbols.numel():
+            counts = torch.bincount((symbols - low).to(torch.int64))
+            return counts[counts > 0]
+    return torch.unique(symbols, return_counts=True)[1]
+
+
+def _whole(symbols: torch.Tensor) -> bool:
+    """Whether every value is a whole number: an integer dtype, or finite floats with no fraction."""
+    if not symbols.is_floating_point():
+        return True
+    return bool(torch.isfinite(symbols).all()) and bool((symbols == symbols.round()).all())

@@ -44,6 +44,7 @@ from aecompress.blocks import entropy
 from aecompress.blocks.base import Built, GroupStats, Method, float_dtype, item_size, meta, needs_stats, offsets
 from aecompress.blocks.descent import descended
 from aecompress.blocks.feedback import check_damp, inverse_factor, member_covariances
+from aecompress.blocks.threads import one_thread
 from aecompress.core.budget import Budget, infeasible_bytes, stored_bytes
 from aecompress.core.dtypes import FloatDtype
 from aecompress.core.errors import AECompressError
@@ -100,12 +101,13 @@ def _rounded(w: torch.Tensor, steps: torch.Tensor, factor: torch.Tensor, feedbac
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         part, errors, f = w[:, i1:i2].clone(), torch.empty(rows, i2 - i1), factor[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q = _chosen(part[:, i] / steps[i1 + i], cost, low)
-            codes[:, i1 + i] = q.to(torch.int64)
-            error = (part[:, i] - q * steps[i1 + i]) / f[i, i]
-            part[:, i + 1 :] -= error.unsqueeze(1) * f[i, i + 1 :].unsqueeze(0)
-            errors[:, i] = error
+        with one_thread():  # its column steps are tiny: see aecompress.blocks.threads
+            for i in range(i2 - i1):
+                q = _chosen(part[:, i] / steps[i1 + i], cost, low)
+                codes[:, i1 + i] = q.to(torch.int64)
+                error = (part[:, i] - q * steps[i1 + i]) / f[i, i]
+                part[:, i + 1 :] -= error.unsqueeze(1) * f[i, i + 1 :].unsqueeze(0)
+                errors[:, i] = error
         w[:, i2:] -= errors @ factor[i1:i2, i2:]
     return codes
 
