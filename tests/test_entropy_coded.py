@@ -40,7 +40,6 @@ def test_the_bitstream_is_the_coders_and_reads_back_exactly():
     assert abs(words.numel() * 32 - entropy.estimated_bits(symbols)) < 64
 
 
-
 @pytest.mark.parametrize("symbols", [
     torch.round(torch.randn(3000) * 7),  # whole floats: counted in one pass
     torch.randint(-40, 9, (3000,)),  # integers
@@ -52,6 +51,7 @@ def test_the_step_searchs_entropy_counts_as_sorting_does(symbols):
     counts = torch.unique(symbols, return_counts=True)[1].double()
     p = counts / counts.sum()
     assert entropy.estimated_bits(symbols) == pytest.approx(float(-(counts * p.log2()).sum()), rel=1e-12)
+
 
 @pytest.mark.parametrize("bits", [4.0, 3.0, 2.5])
 def test_it_fits_the_budget_and_decodes_the_same_everywhere(bits):

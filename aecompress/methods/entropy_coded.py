@@ -229,14 +229,14 @@ def compress(
         size = stored_bytes(tensors)
         log.info("entropy on %s, try %d: %d bytes (budget %d)", group.name, attempt + 1, size, budget)
         close = budget * (1 - CLOSE_ENOUGH) <= size <= budget
-        if size <= budget and (descend or not sweeps):
-            best = tensors
-        elif size <= budget:
+        if size <= budget and sweeps and not descend:
             descend = True
             if close:  # the same steps again, now descended
                 continue
-        if close and best is tensors:
-            break
+        elif size <= budget:
+            best = tensors
+            if close:
+                break
         # Bits per weight fall by about one for each doubling of the steps: aim just under the budget.
         multiplier *= 2.0 ** (8 * (size - budget) / numbers + MARGIN_BITS)
     if best is None:
